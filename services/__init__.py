@@ -1,0 +1,1 @@
+"""Services: the `nebula` CLI, the REST job API and job orchestration."""

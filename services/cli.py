@@ -1,0 +1,123 @@
+"""The `nebula` command. Each command imports its heavy dependencies only when it runs."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+app = typer.Typer(help="Nebula RL: post-training jobs (SFT, GRPO, OPD, MOPD) as a service.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+verifier_app = typer.Typer(help="The verifier service.", no_args_is_help=True)
+app.add_typer(verifier_app, name="verifier")
+
+
+def _fail(message: str, code: int = 2) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+@verifier_app.command("serve")
+def verifier_serve(
+    port: Annotated[Optional[int], typer.Option(help="gRPC port (0 picks a free one)")] = None,
+    host: Annotated[Optional[str], typer.Option(help="bind address")] = None,
+    config: Annotated[Optional[Path], typer.Option(help="VerifierServiceConfig YAML/JSON")] = None,
+    metrics_port: Annotated[Optional[int], typer.Option(help="Prometheus port")] = None,
+    workers: Annotated[Optional[int], typer.Option(help="pool processes")] = None,
+) -> None:
+    """Run the verifier gRPC service until interrupted."""
+    from verifier.__main__ import main as verifier_main
+
+    argv: list[str] = []
+    for flag, value in (("--port", port), ("--host", host), ("--config", config),
+                        ("--metrics-port", metrics_port), ("--workers", workers)):
+        if value is not None:
+            argv += [flag, str(value)]
+    raise typer.Exit(verifier_main(argv))
+
+
+@verifier_app.command("list")
+def verifier_list(address: Annotated[str, typer.Option(help="HOST:PORT")] = "127.0.0.1:50051") -> None:
+    """List the verifiers a service runs."""
+    from verifier.client import VerifierClient
+
+    with VerifierClient(address) as client:
+        for v in client.list_verifiers():
+            typer.echo(json.dumps(v))
+
+
+@app.command()
+def verify(
+    file: Annotated[Path, typer.Argument(help="JSONL: one {verifier, response, reference, metadata} per line ('-' for stdin)")],
+    address: Annotated[Optional[str], typer.Option(help="verifier service HOST:PORT")] = None,
+    local: Annotated[bool, typer.Option("--local", help="verify in-process, no server")] = False,
+    timeout: Annotated[float, typer.Option(help="per-item deadline, seconds (0: default)")] = 0.0,
+    config: Annotated[Optional[Path], typer.Option(help="VerifierServiceConfig for --local")] = None,
+) -> None:
+    """Score a JSONL file of items; prints one JSON result per line, in order."""
+    if (address is None) == (not local):
+        _fail("give exactly one of --address HOST:PORT or --local")
+    if str(file) != "-" and not file.is_file():
+        _fail(f"file not found: {file}")
+    lines = sys.stdin if str(file) == "-" else file.open()
+    from verifier.jsonl import verify_lines
+
+    if local:
+        _verify_local(lines, timeout, config)
+        return
+    import grpc
+
+    from verifier.client import VerifierClient
+
+    with VerifierClient(address) as client:  # type: ignore[arg-type]
+        try:
+            known = {v["name"] for v in client.list_verifiers()}
+            for res in verify_lines(lines, known, lambda items: client.verify(items, timeout)):
+                typer.echo(json.dumps(res.to_json()))
+        except grpc.RpcError as e:
+            _fail(f"verifier service at {address}: {e.code().name}: {e.details()}")
+
+
+def _verify_local(lines: object, timeout: float, config_path: Optional[Path]) -> None:
+    import asyncio
+
+    from nebula.config import ConfigError, VerifierServiceConfig, load_file
+    from verifier.engine import VerifierEngine
+    from verifier.jsonl import verify_lines
+
+    try:
+        cfg = load_file(VerifierServiceConfig, config_path) if config_path else VerifierServiceConfig()
+    except ConfigError as e:
+        _fail(str(e))
+
+    async def run() -> None:
+        engine = VerifierEngine(cfg)
+        await engine.start()
+        loop = asyncio.get_running_loop()
+        try:
+            known = set(engine.registry.names())
+            # verify_lines is synchronous; run it in a thread that submits to this loop.
+            def chunk(items: list) -> list:
+                return asyncio.run_coroutine_threadsafe(
+                    engine.verify_batch(items, timeout), loop).result()
+
+            def drain() -> None:
+                for res in verify_lines(lines, known, chunk):  # type: ignore[arg-type]
+                    typer.echo(json.dumps(res.to_json()))
+
+            await loop.run_in_executor(None, drain)
+        finally:
+            await engine.close()
+
+    asyncio.run(run())
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Verifier service: scores samples (math, sandboxed code, IFEval, exact, regex, plug-ins)."""

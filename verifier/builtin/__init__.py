@@ -1,0 +1,1 @@
+"""Built-in verifiers: math, code, ifeval, exact, regex."""
