@@ -51,7 +51,9 @@ def hf_kwargs(**used: Any) -> dict[str, Any]:
     return row
 
 
-def verify(response: str, ids: list[str], kwargs: list[dict[str, Any]] | None, **meta: Any) -> Outcome:
+def verify(
+    response: str, ids: list[str], kwargs: list[dict[str, Any]] | None, **meta: Any
+) -> Outcome:
     metadata: dict[str, Any] = {"instruction_id_list": ids, **meta}
     if kwargs is not None:
         metadata["kwargs"] = kwargs
@@ -103,7 +105,8 @@ CASES: list[tuple[str, dict[str, Any], str, bool]] = [
     # \w+ tokens: "two-three" is two words, so four in all.
     ("length_constraints:number_words", {"num_words": 5, "relation": "at least"},
      "one two-three four", False),
-    ("length_constraints:number_words", {"num_words": 3, "relation": "less than"}, "hi there", True),
+    ("length_constraints:number_words", {"num_words": 3, "relation": "less than"},
+     "hi there", True),
     ("length_constraints:nth_paragraph_first_word",
      {"num_paragraphs": 3, "nth_paragraph": 2, "first_word": "however"},
      'Intro here.\n\n"However, this.\n\nThe end.', True),
@@ -159,9 +162,11 @@ CASES: list[tuple[str, dict[str, Any], str, bool]] = [
     ("change_case:capital_word_frequency", {"capital_frequency": 2, "capital_relation": "at least"},
      "This is Very good", False),
     # nltk-style tokens: "I" counts, and "DON'T" is two capital tokens (DO, N'T).
-    ("change_case:capital_word_frequency", {"capital_frequency": 2, "capital_relation": "less than"},
+    ("change_case:capital_word_frequency",
+     {"capital_frequency": 2, "capital_relation": "less than"},
      "I am fine", True),
-    ("change_case:capital_word_frequency", {"capital_frequency": 2, "capital_relation": "less than"},
+    ("change_case:capital_word_frequency",
+     {"capital_frequency": 2, "capital_relation": "less than"},
      "We DON'T", False),
     ("change_case:english_capital", {},
      "THIS IS AN ENGLISH SENTENCE WRITTEN ENTIRELY IN CAPITAL LETTERS FOR THE TEST.", True),
@@ -345,7 +350,8 @@ def test_numbers_as_floats_and_strings_are_coerced() -> None:
         ({"instruction_id_list": "punctuation:no_comma"}, "instruction_id_list must be a list"),
         ({"instruction_id_list": [1]}, "instruction_id_list must be a list"),
         ({"instruction_id_list": []}, "instruction_id_list is empty"),
-        ({"instruction_id_list": ["punctuation:no_comma"], "kwargs": {}}, "metadata.kwargs must be"),
+        ({"instruction_id_list": ["punctuation:no_comma"], "kwargs": {}},
+         "metadata.kwargs must be"),
         ({"instruction_id_list": ["punctuation:no_comma"], "kwargs": [{}, {}]},
          "metadata.kwargs has 2 entries"),
         ({"instruction_id_list": ["punctuation:no_comma"], "kwargs": ["x"]},
@@ -378,7 +384,8 @@ def test_unknown_id_lists_known_ids() -> None:
          "must be an integer"),
         ("length_constraints:number_words", {"num_words": 5, "relation": "at most"},
          "must be one of"),
-        ("keywords:letter_frequency", {"letter": "ab", "let_frequency": 1, "let_relation": "at least"},
+        ("keywords:letter_frequency",
+         {"letter": "ab", "let_frequency": 1, "let_relation": "at least"},
          "single letter"),
         ("length_constraints:nth_paragraph_first_word",
          {"num_paragraphs": 2, "nth_paragraph": 3, "first_word": "a"}, "'nth_paragraph'"),

@@ -49,7 +49,9 @@ def _clean_kwargs(raw: Any, index: int) -> dict[str, Any]:
     if raw is None:
         return {}
     if not isinstance(raw, Mapping):
-        raise VerifierInputError(f"metadata.kwargs[{index}] must be a dict, got {type(raw).__name__}")
+        raise VerifierInputError(
+            f"metadata.kwargs[{index}] must be a dict, got {type(raw).__name__}"
+        )
     return {str(k): v for k, v in raw.items() if v is not None}
 
 

@@ -1,0 +1,20 @@
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from procs import verifier_server  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def verifier_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """One real verifier service for the session's gRPC tests."""
+    with verifier_server(tmp_path_factory.mktemp("verifier"),
+                         {"item_timeout_s": 10, "max_batch_items": 64,
+                          "max_message_mb": 1, "max_response_chars": 20000}) as srv:
+        yield srv

@@ -1,0 +1,59 @@
+"""Every shipped config file loads; bad config errors name the field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from nebula.config import ConfigError, VerifierServiceConfig, load_file, load_model
+from procs import ROOT
+
+
+def shipped_configs() -> list[Path]:
+    found = sorted((ROOT / "configs").glob("*.y*ml")) + sorted((ROOT / "examples").rglob("*.y*ml"))
+    return [p for p in found if p.is_file()]
+
+
+def config_model_for(path: Path) -> type:
+    return VerifierServiceConfig  # one kind of shipped config so far: verifier service
+
+
+@pytest.mark.parametrize("path", shipped_configs(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_shipped_config_loads(path: Path) -> None:
+    load_file(config_model_for(path), path)
+
+
+def test_configmaps_in_k8s_hold_valid_configs() -> None:
+    seen = 0
+    for path in sorted((ROOT / "k8s").rglob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if not doc or doc.get("kind") != "ConfigMap":
+                continue
+            for key, text in (doc.get("data") or {}).items():
+                if key == "verifier.yaml":
+                    load_model(VerifierServiceConfig, yaml.safe_load(text), f"{path}:{key}")
+                    seen += 1
+    assert seen >= 1
+
+
+def test_errors_name_the_field() -> None:
+    with pytest.raises(ConfigError) as ei:
+        load_model(VerifierServiceConfig, {"port": "x", "sandbox": {"memory_mb": -1, "bogus": 1}})
+    fields = {e["field"] for e in ei.value.errors}
+    assert fields == {"port", "sandbox.memory_mb", "sandbox.bogus"}
+    assert "sandbox.memory_mb" in str(ei.value)
+
+
+def test_missing_and_malformed_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not found"):
+        load_file(VerifierServiceConfig, tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("port: [1, 2\n")
+    with pytest.raises(ConfigError, match="invalid YAML"):
+        load_file(VerifierServiceConfig, bad)
+    lst = tmp_path / "list.yaml"
+    lst.write_text("- 1\n")
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        load_file(VerifierServiceConfig, lst)
