@@ -1,26 +1,33 @@
 """A process pool for CPU-bound verifiers in which every task has a deadline.
 
 concurrent.futures.ProcessPoolExecutor cannot stop a running task, so one hostile item
-(a math expression that never finishes simplifying) would hold a worker, and the batch,
-forever. Here each worker is a process we started and talk to over its own pipe; when a
-task passes its deadline we kill that worker by PID and start a replacement, and only that
-item fails. Workers are spawned (not forked) because the gRPC server process has threads.
+(a regex that backtracks forever, an expression that never finishes simplifying) would
+hold a worker, and the batch, forever. Here each worker is a process we started and talk
+to over its own pipe; when the task it is running passes its deadline we kill that worker
+by PID and start a replacement, and only that item fails.
+
+Each worker gets up to `depth` tasks at once (the next one waits in its pipe), so it never
+idles for a round trip between tasks; tasks queued behind a killed worker are dispatched
+again, not failed. Workers are spawned (not forked) because the gRPC server has threads.
 """
 
 from __future__ import annotations
 
 import asyncio
 import multiprocessing as mp
-import time
 import traceback
+from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
 
 
+HEAD_GRACE_S = 1.0
+
+
 class DeadlineExceeded(TimeoutError):
-    """The task did not finish before its deadline; its worker was killed."""
+    """The task did not finish before its deadline."""
 
 
 class WorkerCrashed(RuntimeError):
@@ -54,115 +61,194 @@ def _worker_main(conn: Connection, init: Callable[..., None] | None, init_args: 
             conn.send(("err", (type(e).__name__, str(e), traceback.format_exc(limit=8))))
 
 
+@dataclass(eq=False)
+class _Task:
+    fn: Callable[..., Any]
+    args: tuple
+    deadline: float  # loop.time()
+    future: asyncio.Future
+    timer: asyncio.TimerHandle | None = None
+
+
 @dataclass(eq=False)  # hashed by identity: kept in a set
 class _Worker:
     proc: Any
     conn: Connection
+    inflight: deque[_Task] = field(default_factory=deque)  # sent, in order; [0] is running
+    head_timer: asyncio.TimerHandle | None = None
+    dead: bool = False
 
 
 class ProcessWorkerPool:
-    def __init__(
-        self,
-        size: int,
-        init: Callable[..., None] | None = None,
-        init_args: tuple = (),
-        start_timeout_s: float = 120.0,
-    ) -> None:
+    def __init__(self, size: int, init: Callable[..., None] | None = None,
+                 init_args: tuple = (), depth: int = 2, start_timeout_s: float = 120.0) -> None:
         self.size = size
+        self.depth = depth
         self._init = init
         self._init_args = init_args
         self._start_timeout_s = start_timeout_s
         self._ctx = mp.get_context("spawn")
-        self._idle: asyncio.Queue[_Worker] | None = None
-        self._all: set[_Worker] = set()
+        self._ready: list[_Worker] = []
+        self._pending: deque[_Task] = deque()
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
         self.restarts = 0
 
     async def start(self) -> None:
-        self._idle = asyncio.Queue()
+        self._loop = asyncio.get_running_loop()
         await asyncio.gather(*(self._spawn() for _ in range(self.size)))
+
+    # -- workers ------------------------------------------------------------------------
 
     async def _spawn(self) -> None:
         parent, child = self._ctx.Pipe()
-        proc = self._ctx.Process(
-            target=_worker_main, args=(child, self._init, self._init_args), daemon=True
-        )
+        proc = self._ctx.Process(target=_worker_main, args=(child, self._init, self._init_args),
+                                 daemon=True)
         proc.start()
         child.close()
         w = _Worker(proc, parent)
-        self._all.add(w)
         try:
-            kind, _ = await self._recv(w, self._start_timeout_s)
+            ok = await asyncio.wait_for(self._loop.run_in_executor(None, parent.poll,
+                                                                   self._start_timeout_s),
+                                        self._start_timeout_s + 5)
+            msg = parent.recv() if ok else None
         except BaseException:
-            self._kill(w)
+            self._terminate(w)
             raise
-        if kind != "ready":
-            self._kill(w)
-            raise WorkerCrashed(f"worker failed to start: {kind}")
-        assert self._idle is not None
-        self._idle.put_nowait(w)
+        if not msg or msg[0] != "ready":
+            self._terminate(w)
+            raise WorkerCrashed(f"worker failed to start (exit code {proc.exitcode})")
+        if self._closed:
+            self._terminate(w)
+            return
+        self._loop.add_reader(parent.fileno(), self._on_readable, w)
+        self._ready.append(w)
+        self._dispatch()
 
-    async def _recv(self, w: _Worker, timeout: float) -> tuple[str, Any]:
-        loop = asyncio.get_running_loop()
-        ready = loop.create_future()
-        fd = w.conn.fileno()
-        loop.add_reader(fd, lambda: ready.done() or ready.set_result(None))
-        try:
-            await asyncio.wait_for(ready, timeout)
-        finally:
-            loop.remove_reader(fd)
-        try:
-            return w.conn.recv()
-        except (EOFError, OSError) as e:
-            raise WorkerCrashed(f"worker {w.proc.pid} exited (code {w.proc.exitcode})") from e
-
-    def _kill(self, w: _Worker) -> None:
-        self._all.discard(w)
+    def _terminate(self, w: _Worker) -> None:
+        w.dead = True
+        if w.head_timer:
+            w.head_timer.cancel()
+        if w in self._ready:
+            self._ready.remove(w)
+            self._loop.remove_reader(w.conn.fileno())
         if w.proc.is_alive():
             w.proc.kill()  # our own child, by PID
         w.proc.join(timeout=5)
         w.conn.close()
 
-    def _replace(self, w: _Worker) -> None:
-        self._kill(w)
+    def _replace(self, w: _Worker, head_error: BaseException) -> None:
+        """Kill w; fail the task it was running; re-dispatch the ones queued behind it."""
+        inflight = list(w.inflight)
+        self._terminate(w)
         self.restarts += 1
+        if inflight:
+            self._fail(inflight[0], head_error)
+            self._pending.extendleft(reversed(inflight[1:]))
         if not self._closed:
-            task = asyncio.get_running_loop().create_task(self._spawn())
-            task.add_done_callback(lambda t: t.cancelled() or t.exception())
+            t = self._loop.create_task(self._spawn())
+            t.add_done_callback(lambda t: t.cancelled() or t.exception())
+        self._dispatch()
+
+    # -- tasks --------------------------------------------------------------------------
+
+    def _fail(self, task: _Task, error: BaseException) -> None:
+        if task.timer:
+            task.timer.cancel()
+        if not task.future.done():
+            task.future.set_exception(error)
+
+    def _dispatch(self) -> None:
+        while self._pending:
+            live = [w for w in self._ready if not w.dead and len(w.inflight) < self.depth]
+            if not live:
+                return
+            task = self._pending.popleft()
+            if task.future.done():
+                continue
+            w = min(live, key=lambda w: len(w.inflight))
+            try:
+                w.conn.send((task.fn, task.args))
+            except (OSError, ValueError):
+                self._pending.appendleft(task)
+                self._replace(w, WorkerCrashed("worker pipe closed"))
+                return
+            w.inflight.append(task)
+            if len(w.inflight) == 1:
+                self._arm_head(w)
+
+    def _arm_head(self, w: _Worker) -> None:
+        """The head task is running: kill the worker if it is still running at its deadline."""
+        if w.head_timer:
+            w.head_timer.cancel()
+            w.head_timer = None
+        if w.inflight:
+            head = w.inflight[0]
+            now = self._loop.time()
+            # A head whose caller already gave up gets a short grace before the kill:
+            # most such tasks are quick, and a respawn costs a second or two.
+            at = now + HEAD_GRACE_S if head.future.done() else max(head.deadline, now)
+            w.head_timer = self._loop.call_at(at, self._head_expired, w, head)
+
+    def _head_expired(self, w: _Worker, task: _Task) -> None:
+        if not w.dead and w.inflight and w.inflight[0] is task:
+            self._replace(w, DeadlineExceeded("task exceeded its deadline; worker killed"))
+
+    def _on_readable(self, w: _Worker) -> None:
+        try:
+            while not w.dead and w.conn.poll():
+                kind, payload = w.conn.recv()
+                task = w.inflight.popleft()
+                if task.timer:
+                    task.timer.cancel()
+                if not task.future.done():
+                    if kind == "ok":
+                        task.future.set_result(payload)
+                    else:
+                        task.future.set_exception(TaskError(*payload))
+                self._arm_head(w)
+        except (EOFError, OSError):
+            self._replace(w, WorkerCrashed(f"worker {w.proc.pid} exited"
+                                           f" (exit code {w.proc.exitcode})"))
+            return
+        self._dispatch()
+
+    def _task_expired(self, task: _Task) -> None:
+        """Deadline of a task not (yet) running: fail it; a queued copy is skipped later."""
+        if task in self._pending:
+            self._pending.remove(task)
+            self._fail(task, DeadlineExceeded("no free worker before the deadline"))
+        elif not task.future.done() and not any(w.inflight and w.inflight[0] is task
+                                                for w in self._ready):
+            # Queued in a worker's pipe behind a slow task: fail it now; the worker still
+            # runs it later and the result is dropped (see _arm_head for the grace).
+            self._fail(task, DeadlineExceeded("no free worker before the deadline"))
+        # A running task is handled by its worker's head timer (which also kills it).
 
     async def run(self, fn: Callable[..., Any], args: tuple, timeout_s: float) -> Any:
         """Run fn(*args) in a worker; the deadline covers waiting for a free worker too."""
-        if self._idle is None or self._closed:
+        if self._loop is None or self._closed:
             raise RuntimeError("pool is not running")
-        deadline = time.monotonic() + timeout_s
+        task = _Task(fn, args, self._loop.time() + timeout_s, self._loop.create_future())
+        task.timer = self._loop.call_at(task.deadline, self._task_expired, task)
+        self._pending.append(task)
+        self._dispatch()
         try:
-            w = await asyncio.wait_for(self._idle.get(), timeout_s)
-        except TimeoutError:
-            raise DeadlineExceeded(f"no free worker within {timeout_s:.3g}s") from None
-        try:
-            w.conn.send((fn, args))
-            kind, payload = await self._recv(w, max(0.0, deadline - time.monotonic()))
-        except TimeoutError:
-            self._replace(w)
-            raise DeadlineExceeded(f"task exceeded its {timeout_s:.3g}s deadline") from None
-        except WorkerCrashed:
-            self._replace(w)
+            return await task.future
+        except asyncio.CancelledError:
+            self._fail(task, DeadlineExceeded("cancelled"))
             raise
-        except BaseException:
-            self._replace(w)  # cancelled mid-task: the worker's state is unknown
-            raise
-        self._idle.put_nowait(w)
-        if kind == "err":
-            raise TaskError(*payload)
-        return payload
 
     async def close(self) -> None:
         self._closed = True
-        for w in list(self._all):
+        for w in list(self._ready):
             try:
                 w.conn.send(None)
             except OSError:
                 pass
-        for w in list(self._all):
-            w.proc.join(timeout=2)
-            self._kill(w)
+        for w in list(self._ready):
+            for t in w.inflight:
+                self._fail(t, WorkerCrashed("pool closed"))
+            self._terminate(w)
+        while self._pending:
+            self._fail(self._pending.popleft(), WorkerCrashed("pool closed"))

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import errno as errno_mod
 import json
 import os
@@ -220,11 +221,14 @@ class Sandbox:
             raise ValueError("argv is empty")
         return [self.cfg.python, *argv[1:]] if argv[0] == "python" else list(argv)
 
-    def _bwrap_argv(self, bwrap: str, work: str, argv: list[str]) -> list[str]:
+    def _bwrap_argv(
+        self, bwrap: str, work: str, argv: list[str], info_fd: int | None = None
+    ) -> list[str]:
         tmp_bytes = str(max(4 * self.cfg.file_size_mb, 64) << 20)
         shm_bytes = str(max(self.cfg.file_size_mb, 16) << 20)
+        info = ["--info-fd", str(info_fd)] if info_fd is not None else []
         return [
-            bwrap, "--unshare-all", "--die-with-parent", "--new-session",
+            bwrap, *info, "--unshare-all", "--die-with-parent", "--new-session",
             "--ro-bind", "/", "/", "--proc", "/proc", "--dev", "/dev",
             "--size", tmp_bytes, "--tmpfs", "/tmp",
             "--size", shm_bytes, "--tmpfs", "/dev/shm",
@@ -288,21 +292,27 @@ class Sandbox:
             return f"sandbox interpreter {self.cfg.python!r} not found"
         uid = self._uid(0)
         work = self._make_work_dir(uid)
+        _become_subreaper()
+        r, w = os.pipe()
         try:
-            argv = self._bwrap_argv(bwrap, work, [self.cfg.python, "-c", "pass"])
+            argv = self._bwrap_argv(bwrap, work, [self.cfg.python, "-c", "pass"], info_fd=w)
             try:
                 p = subprocess.run(
                     argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=30,
-                    env={"PATH": _SANDBOX_PATH}, **self._popen_kwargs(uid),
+                    env={"PATH": _SANDBOX_PATH}, pass_fds=(w,), **self._popen_kwargs(uid),
                 )  # fmt: skip
             except (OSError, subprocess.SubprocessError) as e:
                 return f"bubblewrap could not be started: {e}"
+            finally:
+                os.close(w)
+                _reap_sync(_read_child_pid(r))
             if p.returncode != 0:
                 err = p.stderr.decode("utf-8", "replace").strip()[-300:]
                 who = f" as uid {uid}" if uid is not None else ""
                 return f"bubblewrap test run{who} failed (exit {p.returncode}): {err}"
             return None
         finally:
+            os.close(r)
             self._remove_work_dir(work)
 
     # ------------------------------------------------------------------ slots
@@ -395,17 +405,41 @@ class Sandbox:
         try:
             self._write_files(work, files, uid)
             if bwrap is not None:
-                cmd, cwd = self._bwrap_argv(bwrap, work, argv), None
-                env = {"PATH": _SANDBOX_PATH}
+                result = await self._spawn_sandboxed(bwrap, work, argv, stdin, wall_timeout_s,
+                                                     uid)
             else:
-                cmd, cwd = argv, work
                 env = {"PATH": _SANDBOX_PATH, "HOME": work, "PYTHONDONTWRITEBYTECODE": "1"}
-            result = await self._spawn(cmd, cwd, env, stdin, wall_timeout_s, uid,
-                                       sandboxed=bwrap is not None)
+                result = await self._spawn(argv, work, env, stdin, wall_timeout_s, uid, {})
         finally:
             await asyncio.to_thread(self._remove_work_dir, work)
         result.violation, result.violation_detail = classify(result, self.cfg)
         return result
+
+    async def _spawn_sandboxed(
+        self, bwrap: str, work: str, argv: list[str], stdin: bytes, wall_timeout_s: float,
+        uid: int | None,
+    ) -> SandboxResult:
+        """bubblewrap reports its pid-namespace init on --info-fd. bwrap exits without reaping
+        that process, so it is orphaned: we are its subreaper and reap it ourselves (left to
+        the host's init it would linger as a zombie counting against the uid's RLIMIT_NPROC,
+        and a container whose pid 1 never reaps would exhaust it)."""
+        have_reaper = _become_subreaper()
+        r, w = os.pipe()
+        info = {"fd": r, "pid": None, "reapable": have_reaper}
+        try:
+            cmd = self._bwrap_argv(bwrap, work, argv, info_fd=w)
+            try:
+                return await self._spawn(cmd, None, {"PATH": _SANDBOX_PATH}, stdin,
+                                         wall_timeout_s, uid, info, pass_fds=(w,))
+            finally:
+                if info["pid"] is None:
+                    info["pid"] = _read_child_pid(r)
+                if have_reaper and info["pid"] is not None:
+                    await _reap(info["pid"])
+        finally:
+            with contextlib.suppress(OSError):
+                os.close(w)
+            os.close(r)
 
     async def _spawn(
         self,
@@ -415,14 +449,30 @@ class Sandbox:
         stdin: bytes,
         wall_timeout_s: float,
         uid: int | None,
-        sandboxed: bool,
+        info: dict,
+        pass_fds: tuple[int, ...] = (),
     ) -> SandboxResult:
         cap = self.cfg.max_output_bytes
+        sandboxed = bool(info)
         start = time.monotonic()
         proc = await asyncio.create_subprocess_exec(
             *cmd, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE, cwd=cwd, env=env, **self._popen_kwargs(uid),
+            stderr=asyncio.subprocess.PIPE, cwd=cwd, env=env, pass_fds=pass_fds,
+            **self._popen_kwargs(uid),
         )  # fmt: skip
+        for fd in pass_fds:  # the child has its copy; EOF on the info pipe needs ours closed
+            os.close(fd)
+
+        def kill() -> None:
+            if info.get("reapable"):
+                # The sandbox's init, first: its death tears down the whole pid namespace.
+                if info["pid"] is None:
+                    info["pid"] = _read_child_pid(info["fd"])
+                if info["pid"] is not None:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(info["pid"], signal_mod.SIGKILL)
+            _kill_group(proc)
+
         out_task = asyncio.ensure_future(_read_capped(proc.stdout, cap))
         err_task = asyncio.ensure_future(_read_capped(proc.stderr, cap))
         in_task = asyncio.ensure_future(_feed(proc.stdin, stdin))
@@ -432,10 +482,10 @@ class Sandbox:
                 await asyncio.wait_for(proc.wait(), timeout=max(wall_timeout_s, 0.001))
             except asyncio.TimeoutError:
                 timed_out = True
-                _kill_group(proc)
+                kill()
                 await proc.wait()
         except BaseException:  # cancelled: never leave the process behind
-            _kill_group(proc)
+            kill()
             with contextlib.suppress(BaseException):
                 await asyncio.shield(proc.wait())
             for t in (out_task, err_task, in_task):
@@ -504,3 +554,69 @@ async def _feed(stream: asyncio.StreamWriter | None, data: bytes) -> None:
     finally:
         with contextlib.suppress(Exception):
             stream.close()
+
+
+_subreaper: bool | None = None
+
+
+def _become_subreaper() -> bool:
+    """Make this process the reaper of its orphaned descendants (PR_SET_CHILD_SUBREAPER), so
+    the sandbox's pid-namespace init can be reaped here. Process-wide and idempotent."""
+    global _subreaper
+    if _subreaper is None:
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            _subreaper = libc.prctl(36, 1, 0, 0, 0) == 0  # PR_SET_CHILD_SUBREAPER
+        except (OSError, AttributeError):
+            _subreaper = False
+    return _subreaper
+
+
+def _read_child_pid(fd: int) -> int | None:
+    """The "child-pid" bubblewrap wrote on --info-fd (read without blocking)."""
+    try:
+        os.set_blocking(fd, False)
+        data = b""
+        while True:
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                break
+            data += chunk
+    except (BlockingIOError, OSError):
+        pass
+    try:
+        pid = json.loads(data).get("child-pid")
+    except (ValueError, AttributeError, UnboundLocalError):
+        return None
+    return pid if isinstance(pid, int) and pid > 1 else None
+
+
+def _try_reap(pid: int) -> bool:
+    """True once `pid` is reaped or is not ours to reap."""
+    try:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        return True  # not (or no longer) our child: someone else reaps it
+    return done == pid
+
+
+def _reap_sync(pid: int | None, timeout_s: float = 2.0) -> None:
+    if pid is None or not _subreaper:
+        return
+    deadline = time.monotonic() + timeout_s
+    while not _try_reap(pid) and time.monotonic() < deadline:
+        time.sleep(0.005)
+
+
+async def _reap(pid: int, timeout_s: float = 5.0) -> None:
+    """Reap the orphaned sandbox init once it has exited (it dies with the sandbox)."""
+    if _try_reap(pid):
+        return
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    delay = 0.002
+    while loop.time() < deadline:
+        await asyncio.sleep(delay)
+        if _try_reap(pid):
+            return
+        delay = min(delay * 2, 0.05)

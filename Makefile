@@ -1,0 +1,24 @@
+# `make demo` and `make test` do all set-up themselves on a fresh machine.
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.setup-stamp
+
+.PHONY: demo test setup bench proto
+
+demo: $(STAMP)
+	$(PY) examples/verifier_demo.py
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml scripts/setup.sh
+	bash scripts/setup.sh
+	touch $(STAMP)
+
+bench: $(STAMP)
+	$(PY) bench/verifier.py
+
+proto: $(STAMP)
+	$(PY) -m nebula.protogen
