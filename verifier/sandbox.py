@@ -326,8 +326,13 @@ class Sandbox:
     @contextlib.asynccontextmanager
     async def _slot(self):
         async with self._semaphore():
-            with self._slots_lock:
-                slot = self._free_slots.pop(0)
+            while True:
+                with self._slots_lock:
+                    slot = self._free_slots.pop(0) if self._free_slots else None
+                if slot is not None:
+                    break
+                # Only when runs from another event loop still hold slots.
+                await asyncio.sleep(0.01)
             try:
                 yield slot
             finally:
@@ -409,7 +414,7 @@ class Sandbox:
                                                      uid)
             else:
                 env = {"PATH": _SANDBOX_PATH, "HOME": work, "PYTHONDONTWRITEBYTECODE": "1"}
-                result = await self._spawn(argv, work, env, stdin, wall_timeout_s, uid, {})
+                result = await self._spawn(argv, work, env, stdin, wall_timeout_s, uid, None)
         finally:
             await asyncio.to_thread(self._remove_work_dir, work)
         result.violation, result.violation_detail = classify(result, self.cfg)
@@ -437,7 +442,7 @@ class Sandbox:
                 if have_reaper and info["pid"] is not None:
                     await _reap(info["pid"])
         finally:
-            with contextlib.suppress(OSError):
+            if not info.get("w_closed"):
                 os.close(w)
             os.close(r)
 
@@ -449,11 +454,13 @@ class Sandbox:
         stdin: bytes,
         wall_timeout_s: float,
         uid: int | None,
-        info: dict,
+        info: dict | None,
         pass_fds: tuple[int, ...] = (),
     ) -> SandboxResult:
+        """Start `cmd`, feed stdin, collect capped output, enforce the wall clock. `info` is
+        the bubblewrap bookkeeping of a sandboxed run (None for an unsandboxed one)."""
         cap = self.cfg.max_output_bytes
-        sandboxed = bool(info)
+        sandboxed = info is not None
         start = time.monotonic()
         proc = await asyncio.create_subprocess_exec(
             *cmd, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
@@ -462,9 +469,11 @@ class Sandbox:
         )  # fmt: skip
         for fd in pass_fds:  # the child has its copy; EOF on the info pipe needs ours closed
             os.close(fd)
+        if info is not None:
+            info["w_closed"] = True
 
         def kill() -> None:
-            if info.get("reapable"):
+            if info is not None and info["reapable"]:
                 # The sandbox's init, first: its death tears down the whole pid namespace.
                 if info["pid"] is None:
                     info["pid"] = _read_child_pid(info["fd"])
@@ -493,8 +502,8 @@ class Sandbox:
             raise
         if not sandboxed:
             # Children left in the group: without a pid namespace nothing else ends them. (A
-            # group id stays reserved while a member lives, so this cannot hit a stranger.)
-            _kill_group(proc, only_group=True)
+            # group id is not reused while a member lives; with none left this is a no-op.)
+            _kill_group(proc)
         elapsed = time.monotonic() - start
         in_task.cancel()
         # The pipes close when the last holder dies; a survivor holding them (possible only
@@ -518,14 +527,12 @@ class Sandbox:
         return SandboxResult(exit_code, sig, stdout, stderr, timed_out, elapsed)
 
 
-def _kill_group(proc: asyncio.subprocess.Process, only_group: bool = False) -> None:
-    """SIGKILL the process group we created (its leader is the pid we started) and the
-    process itself. Never kills by name."""
+def _kill_group(proc: asyncio.subprocess.Process) -> None:
+    """SIGKILL the process group we created with start_new_session: its leader is the pid we
+    started, so this kills that process too. Never kills by name. (Not `proc.kill()`: Popen
+    polls first and could reap the process under asyncio's child watcher.)"""
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signal_mod.SIGKILL)
-    if not only_group and proc.returncode is None:
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
 
 
 async def _read_capped(stream: asyncio.StreamReader | None, cap: int) -> bytes:
@@ -574,9 +581,9 @@ def _become_subreaper() -> bool:
 
 def _read_child_pid(fd: int) -> int | None:
     """The "child-pid" bubblewrap wrote on --info-fd (read without blocking)."""
+    data = b""
     try:
         os.set_blocking(fd, False)
-        data = b""
         while True:
             chunk = os.read(fd, 4096)
             if not chunk:
@@ -586,7 +593,7 @@ def _read_child_pid(fd: int) -> int | None:
         pass
     try:
         pid = json.loads(data).get("child-pid")
-    except (ValueError, AttributeError, UnboundLocalError):
+    except (ValueError, AttributeError):
         return None
     return pid if isinstance(pid, int) and pid > 1 else None
 

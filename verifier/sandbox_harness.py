@@ -136,6 +136,15 @@ def _run_functions(spec, rep, timeout_s):
             rep.emit({"kind": "test", "i": i, "ok": False, "error": text, "exc": exc})
 
 
+def _install(path, flags, target):
+    """Open `path` as fd `target` (user code may have closed fds 0/1, e.g. via open(0), so
+    the new fd can already be the target)."""
+    fd = os.open(path, flags, 0o600)
+    if fd != target:
+        os.dup2(fd, target)
+        os.close(fd)
+
+
 def _tokens(text):
     return text.split()
 
@@ -170,12 +179,8 @@ def _run_stdio(spec, rep, timeout_s):
         try:
             with open(in_path, "wb") as f:
                 f.write(given.encode("utf-8"))
-            fd = os.open(in_path, os.O_RDONLY)
-            os.dup2(fd, 0)
-            os.close(fd)
-            fd = os.open(out_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            os.dup2(fd, 1)
-            os.close(fd)
+            _install(in_path, os.O_RDONLY, 0)
+            _install(out_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 1)
         except OSError as e:
             text, exc = _describe(e, timeout_s)
             rep.emit({"kind": "test", "i": i, "ok": False, "error": text, "exc": exc})
@@ -247,12 +252,19 @@ def main():
     signal.signal(signal.SIGALRM, _on_alarm)
     timeout_s = float(spec.get("per_test_timeout_s") or 4.0)
     mode = spec.get("mode")
-    if mode == "functions":
-        _run_functions(spec, rep, timeout_s)
-    elif mode == "stdio":
-        _run_stdio(spec, rep, timeout_s)
-    else:
-        rep.emit({"kind": "setup", "ok": False, "error": f"unknown mode {mode!r}", "exc": None})
+    try:
+        if mode == "functions":
+            _run_functions(spec, rep, timeout_s)
+        elif mode == "stdio":
+            _run_stdio(spec, rep, timeout_s)
+        else:
+            rep.emit({"kind": "setup", "ok": False, "error": f"unknown mode {mode!r}",
+                      "exc": None})
+    except BaseException as e:  # noqa: BLE001 - e.g. a signal user code sent itself
+        # Results already written stand; the rest count as failed.
+        text, exc = _describe(e, timeout_s)
+        rep.emit({"kind": "setup", "ok": False, "error": "harness aborted: " + text,
+                  "exc": exc})
     rep.emit({"kind": "done"})
     # Skip interpreter shutdown: user threads, atexit hooks and __del__ do not run or block.
     os._exit(0)

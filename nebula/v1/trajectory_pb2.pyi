@@ -38,7 +38,7 @@ class Sample(_message.Message):
     def __init__(self, completion_ids: _Optional[_Iterable[int]] = ..., behaviour_logprobs: _Optional[_Iterable[float]] = ..., policy_versions: _Optional[_Iterable[int]] = ..., loss_mask: _Optional[_Iterable[int]] = ..., reward: _Optional[float] = ..., advantage: _Optional[float] = ..., token_advantages: _Optional[_Iterable[float]] = ..., teacher_logprobs: _Optional[_Iterable[float]] = ..., teacher: _Optional[str] = ..., teacher_version: _Optional[str] = ..., verify: _Optional[_Union[_verifier_pb2.VerifyResult, _Mapping]] = ..., completion_text: _Optional[str] = ..., finish_reason: _Optional[str] = ...) -> None: ...
 
 class TrajectoryGroup(_message.Message):
-    __slots__ = ("group_id", "job_id", "stage", "prompt_id", "domain", "prompt_ids", "prompt_text", "reference", "samples", "min_policy_version", "max_policy_version", "rollout_worker", "created_unix")
+    __slots__ = ("group_id", "job_id", "stage", "prompt_id", "domain", "prompt_ids", "prompt_text", "reference", "samples", "min_policy_version", "max_policy_version", "rollout_worker", "created_unix", "ticket", "step")
     GROUP_ID_FIELD_NUMBER: _ClassVar[int]
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     STAGE_FIELD_NUMBER: _ClassVar[int]
@@ -52,6 +52,8 @@ class TrajectoryGroup(_message.Message):
     MAX_POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
     ROLLOUT_WORKER_FIELD_NUMBER: _ClassVar[int]
     CREATED_UNIX_FIELD_NUMBER: _ClassVar[int]
+    TICKET_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
     group_id: str
     job_id: str
     stage: str
@@ -65,4 +67,6 @@ class TrajectoryGroup(_message.Message):
     max_policy_version: int
     rollout_worker: str
     created_unix: float
-    def __init__(self, group_id: _Optional[str] = ..., job_id: _Optional[str] = ..., stage: _Optional[str] = ..., prompt_id: _Optional[str] = ..., domain: _Optional[str] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., prompt_text: _Optional[str] = ..., reference: _Optional[str] = ..., samples: _Optional[_Iterable[_Union[Sample, _Mapping]]] = ..., min_policy_version: _Optional[int] = ..., max_policy_version: _Optional[int] = ..., rollout_worker: _Optional[str] = ..., created_unix: _Optional[float] = ...) -> None: ...
+    ticket: int
+    step: int
+    def __init__(self, group_id: _Optional[str] = ..., job_id: _Optional[str] = ..., stage: _Optional[str] = ..., prompt_id: _Optional[str] = ..., domain: _Optional[str] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., prompt_text: _Optional[str] = ..., reference: _Optional[str] = ..., samples: _Optional[_Iterable[_Union[Sample, _Mapping]]] = ..., min_policy_version: _Optional[int] = ..., max_policy_version: _Optional[int] = ..., rollout_worker: _Optional[str] = ..., created_unix: _Optional[float] = ..., ticket: _Optional[int] = ..., step: _Optional[int] = ...) -> None: ...

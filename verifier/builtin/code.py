@@ -23,7 +23,7 @@ import logging
 import re
 import secrets
 import textwrap
-from importlib import resources
+from pathlib import Path
 from typing import Any
 
 from verifier.api import AsyncVerifier, Outcome, VerifierInputError, VerifyInput
@@ -44,7 +44,9 @@ _HARNESS: bytes | None = None
 def _harness_source() -> bytes:
     global _HARNESS
     if _HARNESS is None:
-        _HARNESS = resources.files("verifier").joinpath("sandbox_harness.py").read_bytes()
+        from verifier import sandbox_harness  # stdlib-only module; importing runs nothing
+
+        _HARNESS = Path(sandbox_harness.__file__).read_bytes()
     return _HARNESS
 
 

@@ -1,0 +1,1 @@
+"""DeepSpeed learner: SFT, GRPO, OPD, MOPD losses."""

@@ -1,0 +1,190 @@
+"""Turn trajectory groups (or SFT pairs) into padded training tensors.
+
+Layout: every sample becomes one row `prompt_ids + completion_ids`, right-padded to the longest
+row (L tokens). A causal LM's logits at position t predict token t + 1, so all per-token
+tensors have T = L - 1 columns and are aligned with the *predicting* positions: completion
+token j of a sample with prompt length P sits at input position P + j and is predicted at
+column P + j - 1. `mask[b, t]` is 1 exactly at the columns that predict a completion token
+whose `loss_mask` is 1 (when a prompt is empty, the first completion token has no predicting
+position and is left out).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Any, Sequence
+
+import torch
+
+if TYPE_CHECKING:  # pragma: no cover
+    from nebula.v1.trajectory_pb2 import TrajectoryGroup
+
+
+@dataclass
+class Batch:
+    """Padded tensors of B sequences of at most L tokens (per-token fields are [B, L - 1])."""
+
+    input_ids: torch.Tensor            # [B, L] long, prompt + completion, right-padded
+    attention_mask: torch.Tensor       # [B, L] long, 1 on real tokens
+    mask: torch.Tensor                 # [B, T] float, 1 at positions predicting a trained token
+    completion_mask: torch.Tensor      # [B, T] float, 1 at positions predicting any completion token
+    behaviour_logprobs: torch.Tensor   # [B, T] float (0 where unknown)
+    has_behaviour: torch.Tensor        # [B, T] bool, True where behaviour log-probs were given
+    advantages: torch.Tensor           # [B, T] float per-token advantage
+    policy_versions: torch.Tensor      # [B, T] long, -1 where unknown / not a completion token
+    teacher_logprobs: torch.Tensor     # [B, T] float (0 where not given)
+    has_teacher: torch.Tensor          # [B, T] bool
+    rewards: torch.Tensor              # [B] float
+    prompt_lens: torch.Tensor          # [B] long
+    completion_lens: torch.Tensor      # [B] long
+    group_index: torch.Tensor          # [B] long, index of the sample's group in the input
+
+    @property
+    def size(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens in the loss."""
+        return int(self.mask.sum())
+
+    @property
+    def num_sequences(self) -> int:
+        """Sequences with at least one token in the loss."""
+        return int((self.mask.sum(dim=-1) > 0).sum())
+
+    def to(self, device: Any) -> Batch:
+        return Batch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
+    def slice(self, start: int, end: int) -> Batch:
+        """Rows [start, end), with the padding columns beyond the slice's longest row dropped."""
+        rows = {f.name: getattr(self, f.name)[start:end] for f in fields(self)}
+        length = int(rows["attention_mask"].sum(dim=-1).max()) if end > start else 1
+        length = max(length, 2)
+        for name, value in rows.items():
+            if value.dim() == 2:
+                width = length if name in ("input_ids", "attention_mask") else length - 1
+                rows[name] = value[:, :width]
+        return Batch(**rows)
+
+    def micro_batches(self, size: int) -> list[Batch]:
+        """Consecutive slices of at most `size` rows."""
+        size = max(int(size), 1)
+        return [self.slice(i, min(i + size, self.size)) for i in range(0, self.size, size)]
+
+
+def _rows_to_batch(rows: Sequence[dict[str, Any]], pad_id: int, device: Any) -> Batch:
+    """rows: dicts with prompt, completion, loss_mask, behaviour, advantages, versions,
+    teacher (lists or None), reward, group."""
+    if not rows:
+        raise ValueError("cannot collate an empty batch")
+    B = len(rows)
+    L = max(2, max(len(r["prompt"]) + len(r["completion"]) for r in rows))
+    T = L - 1
+    input_ids = torch.full((B, L), int(pad_id), dtype=torch.long)
+    attention_mask = torch.zeros((B, L), dtype=torch.long)
+    mask = torch.zeros((B, T), dtype=torch.float32)
+    completion_mask = torch.zeros((B, T), dtype=torch.float32)
+    behaviour = torch.zeros((B, T), dtype=torch.float32)
+    has_behaviour = torch.zeros((B, T), dtype=torch.bool)
+    advantages = torch.zeros((B, T), dtype=torch.float32)
+    versions = torch.full((B, T), -1, dtype=torch.long)
+    teacher = torch.zeros((B, T), dtype=torch.float32)
+    has_teacher = torch.zeros((B, T), dtype=torch.bool)
+    rewards = torch.zeros(B, dtype=torch.float32)
+    prompt_lens = torch.zeros(B, dtype=torch.long)
+    completion_lens = torch.zeros(B, dtype=torch.long)
+    group_index = torch.zeros(B, dtype=torch.long)
+
+    for b, r in enumerate(rows):
+        prompt, completion = list(r["prompt"]), list(r["completion"])
+        P, C = len(prompt), len(completion)
+        n = P + C
+        input_ids[b, :n] = torch.tensor(prompt + completion, dtype=torch.long)
+        attention_mask[b, :n] = 1
+        rewards[b] = float(r.get("reward", 0.0))
+        prompt_lens[b], completion_lens[b] = P, C
+        group_index[b] = int(r.get("group", b))
+        if C == 0:
+            continue
+        # Completion token j is predicted at column P + j - 1; drop j where that is < 0.
+        j0 = 1 if P == 0 else 0
+        cols = slice(P + j0 - 1, P + C - 1)
+        sel = slice(j0, C)
+
+        def put(dst: torch.Tensor, values: Sequence[float] | None, name: str,
+                flag: torch.Tensor | None = None, dtype: torch.dtype = torch.float32) -> None:
+            if values is None or len(values) == 0:
+                return
+            if len(values) != C:
+                raise ValueError(f"sample {b}: {name} has {len(values)} entries for "
+                                 f"{C} completion tokens")
+            dst[b, cols] = torch.tensor(list(values), dtype=dtype)[sel]
+            if flag is not None:
+                flag[b, cols] = True
+
+        lm = r.get("loss_mask")
+        if lm is None or len(lm) == 0:
+            lm = [1] * C
+        put(mask, [1.0 if x else 0.0 for x in lm], "loss_mask")
+        completion_mask[b, cols] = 1.0
+        put(behaviour, r.get("behaviour"), "behaviour_logprobs", has_behaviour)
+        adv = r.get("advantages")
+        if adv is None or len(adv) == 0:
+            advantages[b, cols] = float(r.get("advantage", 0.0))
+        else:
+            put(advantages, adv, "token_advantages")
+        put(versions, r.get("versions"), "policy_versions", dtype=torch.long)
+        put(teacher, r.get("teacher"), "teacher_logprobs", has_teacher)
+
+    batch = Batch(input_ids=input_ids, attention_mask=attention_mask, mask=mask,
+                  completion_mask=completion_mask, behaviour_logprobs=behaviour,
+                  has_behaviour=has_behaviour, advantages=advantages, policy_versions=versions,
+                  teacher_logprobs=teacher, has_teacher=has_teacher, rewards=rewards,
+                  prompt_lens=prompt_lens, completion_lens=completion_lens,
+                  group_index=group_index)
+    return batch.to(device) if device is not None else batch
+
+
+def collate(groups: Sequence[TrajectoryGroup], pad_id: int, device: Any = None) -> Batch:
+    """One row per sample of every group, in order (group 0's samples first).
+
+    Per-token advantages are `sample.token_advantages` when given, else `sample.advantage`
+    broadcast over the completion tokens; `sample.loss_mask` (empty: all ones) decides which
+    completion tokens are trained.
+    """
+    rows = []
+    for g, group in enumerate(groups):
+        for s in group.samples:
+            rows.append({
+                "prompt": group.prompt_ids, "completion": s.completion_ids,
+                "loss_mask": list(s.loss_mask), "behaviour": list(s.behaviour_logprobs),
+                "advantage": s.advantage, "advantages": list(s.token_advantages),
+                "versions": list(s.policy_versions), "teacher": list(s.teacher_logprobs),
+                "reward": s.reward, "group": g,
+            })
+    return _rows_to_batch(rows, pad_id, device)
+
+
+def collate_sft(pairs: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int,
+                device: Any = None) -> Batch:
+    """SFT batch from (prompt_ids, target_ids) pairs: the loss covers the target tokens."""
+    rows = [{"prompt": list(p), "completion": list(c), "group": i}
+            for i, (p, c) in enumerate(pairs)]
+    return _rows_to_batch(rows, pad_id, device)
+
+
+def token_logprobs(model: Any, batch: Batch, temperature: float = 1.0) -> torch.Tensor:
+    """[B, L - 1] log_softmax(logits / temperature) at the next token of every position.
+
+    `model` is a causal LM (a Hugging Face model or a DeepSpeed engine wrapping one).
+    Computed in float32 whatever the model dtype.
+    """
+    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+    logits = out.logits if hasattr(out, "logits") else out[0]
+    logits = logits[:, :-1].float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    targets = batch.input_ids[:, 1:].unsqueeze(-1)
+    picked = torch.gather(logits, -1, targets).squeeze(-1)
+    return picked - torch.logsumexp(logits, dim=-1)

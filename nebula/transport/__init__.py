@@ -1,0 +1,1 @@
+"""Transports between roles: trajectory streams and the embedded Redis."""

@@ -1,0 +1,1 @@
+"""Rollout workers: vLLM engines generating samples with behaviour log-probs."""
