@@ -347,7 +347,7 @@ class CodeVerifier(AsyncVerifier):
                 f"code sandbox unavailable: {why}; set sandbox.allow_unsandboxed=true to run "
                 "untrusted code without isolation")
         # Leave a margin to kill, reap and report before the caller's deadline.
-        margin = min(0.5, 0.1 * timeout_s)
+        margin = min(0.5, 0.2 * timeout_s)
         wall = max(0.05, min(timeout_s - margin, cfg.wall_timeout_s))
         nonce = secrets.token_hex(16)
         spec = {

@@ -1,0 +1,185 @@
+"""The learner: one Ray actor owning the DeepSpeed engine.
+
+GRPO step s trains exactly the groups with tickets [s*G, (s+1)*G) (see
+nebula/transport/pacing.py), read from the job's Redis Stream through a consumer group;
+after the optimizer step it publishes the new weights, opens the next tickets, and only
+then acknowledges the groups it used.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from nebula.config.job import DatasetConfig, GRPOStage, JobConfig, SFTStage
+from nebula.transport.pacing import JobKeys, StalenessPacer
+
+log = logging.getLogger("nebula.learner")
+
+
+class LearnerWorker:
+    def __init__(self, job: dict[str, Any], job_id: str, redis_url: str,
+                 weight_store: Any) -> None:
+        import redis
+
+        from learner.ds_engine import DSLearnerEngine
+        from learner.metrics import MetricsSink
+
+        self.cfg = JobConfig.model_validate(job)
+        self.job_id, self.redis_url = job_id, redis_url
+        self.r = redis.Redis.from_url(redis_url)
+        self.store = weight_store
+        self.engine = DSLearnerEngine(self.cfg.model.path, self.cfg.learner,
+                                      dtype=self.cfg.model.dtype,
+                                      temperature=self.cfg.rollout.temperature or 1.0,
+                                      reference=self.cfg.learner.kl.coef > 0)
+        self.tokenizer = self.engine.tokenizer
+        self.metrics = MetricsSink(Path(self.cfg.output_dir), redis_url,
+                                   f"nebula:job:{job_id}:metrics")
+        self.global_step = 0
+        self.status: dict[str, Any] = {"stage": "", "step": 0, "total": 0}
+
+    # -- weights ------------------------------------------------------------------------
+
+    def publish(self) -> int:
+        """Put the current weights in Ray's object store and announce their version."""
+        import ray
+
+        version = self.engine.version
+        ref = ray.put(self.engine.state_dict_blob())
+        ray.get(self.store.publish.remote(version, [ref]))
+        self.r.set(f"nebula:job:{self.job_id}:policy_version", version)
+        return version
+
+    # -- SFT ----------------------------------------------------------------------------
+
+    def run_sft(self, stage_index: int, stage: dict[str, Any]) -> dict[str, Any]:
+        from learner.batch import collate_sft
+        from rollout.prompts import load_prompt_rows
+
+        st = SFTStage.model_validate(stage)
+        ds: DatasetConfig = st.dataset or self.cfg.datasets.train[0]
+        rows = load_prompt_rows(ds, self.tokenizer)
+        eos = self.tokenizer.eos_token_id
+        pairs = [(r.prompt_ids, self.tokenizer(r.reference, add_special_tokens=False)["input_ids"]
+                  + [eos]) for r in rows]
+        rng = random.Random(self.cfg.seed + stage_index)
+        name = f"sft{stage_index}"
+        self.status = {"stage": name, "step": 0, "total": st.steps}
+        self.engine.set_lr(st.lr)
+        order: list[int] = []
+        last: dict[str, Any] = {}
+        for step in range(st.steps):
+            if len(order) < st.batch_size:
+                perm = list(range(len(pairs)))
+                rng.shuffle(perm)
+                order += perm
+            idx, order = order[:st.batch_size], order[st.batch_size:]
+            t0 = time.monotonic()
+            m = self.engine.sft_step(collate_sft([pairs[i] for i in idx],
+                                                 self.tokenizer.pad_token_id))
+            m["step_time_s"] = time.monotonic() - t0
+            self.global_step += 1
+            self.metrics.log(self.global_step, name, m)
+            self.status = {"stage": name, "step": step + 1, "total": st.steps, **m}
+            last = m
+        return {"stage": name, "steps": st.steps, "final_loss": last.get("loss")}
+
+    # -- GRPO ---------------------------------------------------------------------------
+
+    def run_grpo(self, stage_index: int, stage: dict[str, Any], keys_id: str) -> dict[str, Any]:
+        from nebula.transport.stream import RedisTrajectoryStream
+
+        st = GRPOStage.model_validate(stage)
+        G = self.cfg.learner.groups_per_step
+        keys = JobKeys(keys_id)
+        stream = RedisTrajectoryStream(self.redis_url, keys.stream)
+        pacer = StalenessPacer(self.redis_url, keys, self.cfg.async_.max_staleness, G)
+        name = f"grpo{stage_index}"
+        self.engine.set_lr(self.cfg.learner.lr)
+        buffered: dict[int, Any] = {}
+        staleness_hist: Counter[int] = Counter()
+        t_stage = time.monotonic()
+        samples_total = 0
+        for step in range(pacer.steps_done(), st.steps):
+            self.status = {"stage": name, "step": step, "total": st.steps}
+            want = set(range(step * G, (step + 1) * G))
+            t_wait = time.monotonic()
+            while not want <= buffered.keys():
+                for d in stream.read("learner-0", 4 * G, block_ms=500):
+                    if d.group.ticket in buffered:  # a regenerated duplicate cannot happen,
+                        stream.ack([d.entry_id])  # but never train twice on a ticket
+                        continue
+                    buffered[d.group.ticket] = d
+                if self.r.exists(keys.stop):
+                    return {"stage": name, "stopped_at": step}
+            deliveries = [buffered.pop(t) for t in sorted(want)]
+            groups = [d.group for d in deliveries]
+            wait_s = time.monotonic() - t_wait
+            before = self.engine.version
+            t0 = time.monotonic()
+            m = self.engine.grpo_step(groups)
+            step_s = time.monotonic() - t0
+            if (step + 1) % self.cfg.learner.publish_every == 0 or step + 1 == st.steps:
+                self.publish()
+            pacer.step_published(step + 1)
+            stream.ack([d.entry_id for d in deliveries])
+            rewards = [s.reward for g in groups for s in g.samples]
+            passed = [s.verify.passed for g in groups for s in g.samples]
+            stale = [before - g.min_policy_version for g in groups]
+            staleness_hist.update(stale)
+            tokens = sum(len(s.completion_ids) for g in groups for s in g.samples)
+            samples_total += len(rewards)
+            m.update({
+                "reward_mean": sum(rewards) / len(rewards),
+                "pass_rate": sum(passed) / len(passed),
+                "staleness_max": max(stale), "staleness_mean": sum(stale) / len(stale),
+                "tokens": tokens, "tokens_per_s": tokens / max(step_s + wait_s, 1e-9),
+                "step_time_s": step_s, "wait_time_s": wait_s,
+                "samples_per_s": samples_total / (time.monotonic() - t_stage),
+                "policy_version": self.engine.version,
+            })
+            self.global_step += 1
+            self.metrics.log(self.global_step, name, m)
+            self.status = {"stage": name, "step": step + 1, "total": st.steps, **m}
+            ck = self.cfg.checkpoint
+            if ck and ck.interval and (step + 1) % ck.interval == 0:
+                self.checkpoint(f"{name}-step{step + 1}", {"stage_index": stage_index,
+                                                            "grpo_step": step + 1,
+                                                            "stream_last_id": deliveries[-1].entry_id})
+        return {"stage": name, "steps": st.steps,
+                "staleness_hist": {str(k): v for k, v in sorted(staleness_hist.items())},
+                "samples": samples_total, "wall_s": time.monotonic() - t_stage}
+
+    # -- checkpoints --------------------------------------------------------------------
+
+    def checkpoint(self, tag: str, client_state: dict[str, Any]) -> str:
+        ck = self.cfg.checkpoint
+        assert ck is not None
+        path = Path(ck.dir) / tag
+        self.engine.save_checkpoint(str(path), {**client_state, "global_step": self.global_step,
+                                                "version": self.engine.version})
+        kept = sorted((p for p in Path(ck.dir).iterdir() if p.is_dir() and p.name != "export"),
+                      key=lambda p: p.stat().st_mtime)
+        for old in kept[:-ck.keep]:
+            import shutil
+
+            shutil.rmtree(old, ignore_errors=True)
+        return str(path)
+
+    def export(self, subdir: str = "export") -> str:
+        ck = self.cfg.checkpoint
+        assert ck is not None
+        out = Path(ck.dir) / subdir
+        self.engine.export_hf(str(out))
+        return str(out)
+
+    def get_status(self) -> dict[str, Any]:
+        return dict(self.status)
+
+    def close(self) -> None:
+        self.metrics.close()

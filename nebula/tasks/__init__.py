@@ -1,0 +1,1 @@
+"""Synthetic verifiable tasks for toy recipes and tests (pure Python, no downloads)."""

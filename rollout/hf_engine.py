@@ -1,0 +1,143 @@
+"""transformers `generate` rollout engine: the fallback engine and the reference in tests.
+
+Log-probs follow rollout/engine.py's contract: `log_softmax` of the processed scores (logits /
+temperature, top-p applied; raw logits when greedy), gathered at the sampled token.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from rollout.engine import RolloutEngine, SampleOut, blob_to_state_dict
+
+_DTYPES = {"float32", "bfloat16", "float16"}
+
+
+class HFEngine(RolloutEngine):
+    """Batched sampling with transformers; `seed` seeds a private RNG stream (the global torch
+    RNG is left as it was)."""
+
+    def __init__(self, model_path: str | Path, *, dtype: str = "float32", seed: int = 0,
+                 device: str = "cpu", max_batch_rows: int = 512, **_: Any) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype {dtype!r} is not one of {sorted(_DTYPES)}")
+        self.device = torch.device(device)
+        self.tokenizer = AutoTokenizer.from_pretrained(str(model_path))
+        self.model = AutoModelForCausalLM.from_pretrained(
+            str(model_path), dtype=getattr(torch, dtype)).to(self.device).eval()
+        self.eos_token_id: int = self.tokenizer.eos_token_id
+        pad = self.tokenizer.pad_token_id
+        self.pad_token_id: int = pad if pad is not None else self.eos_token_id
+        self.max_batch_rows = max_batch_rows
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self._rng_state = torch.get_rng_state()
+        self._version = 0
+
+    # ------------------------------------------------------------------------------ generate
+
+    def generate(self, prompt_ids: list[list[int]], n: int, temperature: float, top_p: float,
+                 max_tokens: int) -> list[list[SampleOut]]:
+        if not prompt_ids:
+            return []
+        per_call = max(1, self.max_batch_rows // max(1, n))
+        groups: list[list[SampleOut]] = []
+        for i in range(0, len(prompt_ids), per_call):
+            groups.extend(self._generate_chunk(prompt_ids[i:i + per_call], n, temperature,
+                                               top_p, max_tokens))
+        return groups
+
+    def _generate_chunk(self, prompt_ids: list[list[int]], n: int, temperature: float,
+                        top_p: float, max_tokens: int) -> list[list[SampleOut]]:
+        import torch
+        from transformers import GenerationConfig
+
+        width = max(len(p) for p in prompt_ids)
+        input_ids = torch.full((len(prompt_ids), width), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(prompt_ids), width), dtype=torch.long)
+        for r, p in enumerate(prompt_ids):  # left padding
+            if not p:
+                raise ValueError("empty prompt")
+            input_ids[r, width - len(p):] = torch.tensor(p, dtype=torch.long)
+            mask[r, width - len(p):] = 1
+        greedy = temperature <= 0
+        cfg = GenerationConfig(
+            do_sample=not greedy, temperature=1.0 if greedy else float(temperature),
+            top_p=1.0 if greedy else float(top_p), top_k=0, min_p=None, typical_p=1.0,
+            repetition_penalty=1.0, num_beams=1, num_return_sequences=n,
+            max_new_tokens=max_tokens, min_new_tokens=0,
+            eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id, bos_token_id=None,
+            output_scores=True, return_dict_in_generate=True, use_cache=True,
+        )
+        with torch.random.fork_rng(devices=[]), torch.inference_mode():
+            torch.set_rng_state(self._rng_state)
+            out = self.model.generate(input_ids=input_ids.to(self.device),
+                                      attention_mask=mask.to(self.device), generation_config=cfg)
+            self._rng_state = torch.get_rng_state()
+        new = out.sequences[:, width:].cpu()
+        # scores: one [rows, vocab] per step, processed (temperature, top-p) -> sampling dist.
+        steps = len(out.scores)
+        token_lp = torch.stack([
+            torch.log_softmax(out.scores[t].float(), dim=-1)
+            .gather(-1, new[:, t:t + 1].to(out.scores[t].device)).squeeze(-1).cpu()
+            for t in range(steps)
+        ], dim=1) if steps else torch.zeros((new.shape[0], 0))
+
+        groups: list[list[SampleOut]] = []
+        for r0 in range(len(prompt_ids)):
+            group = []
+            for j in range(n):
+                row = r0 * n + j  # generate repeats each prompt n times, consecutively
+                ids = new[row, :steps].tolist()
+                reason = "length"
+                if self.eos_token_id in ids:
+                    ids = ids[:ids.index(self.eos_token_id) + 1]
+                    reason = "stop"
+                lps = token_lp[row, :len(ids)].tolist()
+                text = self.tokenizer.decode(ids, skip_special_tokens=True)
+                group.append(SampleOut(completion_ids=ids, logprobs=lps, text=text,
+                                       finish_reason=reason))
+            groups.append(group)
+        return groups
+
+    # ------------------------------------------------------------------------------- weights
+
+    def load_weights(self, blob: bytes, version: int) -> None:
+        import torch
+
+        tensors = blob_to_state_dict(blob)
+        with torch.no_grad():
+            res = self.model.load_state_dict(tensors, strict=False)
+        if res.unexpected_keys:
+            raise KeyError(f"unexpected weights: {res.unexpected_keys[:5]}")
+        loaded = {self.model.get_parameter(k).data_ptr() for k in tensors
+                  if _is_param(self.model, k)}
+        really_missing = [k for k in res.missing_keys
+                          if not _is_param(self.model, k)
+                          or self.model.get_parameter(k).data_ptr() not in loaded]
+        # Buffers (e.g. rotary inv_freq) are not part of a checkpoint; only parameters count.
+        really_missing = [k for k in really_missing if _is_param(self.model, k)]
+        if really_missing:
+            raise KeyError(f"weights missing from the blob: {really_missing[:5]}")
+        self._version = int(version)
+
+    def state_dict_blob(self) -> bytes:
+        """The engine's current weights as a blob (tests, debugging)."""
+        from rollout.engine import state_dict_to_blob
+
+        return state_dict_to_blob(self.model.state_dict())
+
+    def close(self) -> None:
+        self.model = None  # type: ignore[assignment]
+
+
+def _is_param(model: Any, name: str) -> bool:
+    try:
+        model.get_parameter(name)
+        return True
+    except AttributeError:
+        return False

@@ -1,0 +1,156 @@
+"""A rollout worker: one Ray actor owning one generation engine.
+
+Loop: reserve tickets under the staleness bound -> load the newest weights -> generate n
+samples per prompt with behaviour log-probs -> score them on the verifier service ->
+group-normalised advantages -> write each group to the job's Redis Stream. Reserved tickets
+are recorded in Redis before generation and removed atomically with the group's XADD, so
+a worker that crashes and is restarted by Ray generates its unfinished groups again and
+never loses or duplicates a finished one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+
+from nebula.config.job import JobConfig
+from nebula.transport.pacing import JobKeys, StalenessPacer, ticket_step
+
+log = logging.getLogger("nebula.rollout")
+
+
+class RolloutWorker:
+    def __init__(self, job: dict[str, Any], job_id: str, index: int, redis_url: str,
+                 verifier_address: str, weight_store: Any) -> None:
+        import redis
+
+        from rollout.factory import make_engine
+        from rollout.prompts import PromptOrder, load_prompt_rows
+        from verifier.client import VerifierClient
+
+        self.cfg = JobConfig.model_validate(job)
+        self.job_id, self.index = job_id, index
+        self.name = f"rollout-{index}"
+        self.keys = JobKeys(job_id)
+        self.redis_url = redis_url
+        self.r = redis.Redis.from_url(redis_url)
+        self.store = weight_store
+        self.engine = make_engine(self.cfg, seed=self.cfg.seed + 1000 * index)
+        self.tokenizer = self.engine.tokenizer
+        self.rows = [r for d in self.cfg.datasets.train
+                     for r in load_prompt_rows(d, self.tokenizer)]
+        for i, r in enumerate(self.rows):
+            r.index = i  # a stable id across several training files
+        self.order = PromptOrder(self.rows, self.cfg.seed)
+        self.verifier = VerifierClient(verifier_address, timeout_s=600)
+        self.stats = {"groups": 0, "samples": 0, "tokens": 0, "gen_s": 0.0, "verify_s": 0.0,
+                      "weight_loads": 0, "regenerated": 0}
+
+    # -- weights ------------------------------------------------------------------------
+
+    def sync_weights(self) -> int:
+        """Load the newest published weights if the engine's are older; returns the version."""
+        import ray
+
+        version, ref = ray.get(self.store.latest.remote())
+        if version > self.engine.version and ref:
+            self.engine.load_weights(ray.get(ref[0]), version)
+            self.stats["weight_loads"] += 1
+        return self.engine.version
+
+    # -- GRPO ---------------------------------------------------------------------------
+
+    def run(self, stage: str, total_steps: int) -> dict[str, Any]:
+        """Generate groups for tickets [0, total_steps * G) until they are all taken."""
+        G = self.cfg.learner.groups_per_step
+        pacer = StalenessPacer(self.redis_url, self.keys, self.cfg.async_.max_staleness, G)
+        total = total_steps * G
+        inflight = self.keys.inflight(self.name)
+        # Groups this worker reserved before a crash: generate them again first.
+        leftover = sorted(int(t) for t in self.r.hkeys(inflight))
+        if leftover:
+            self.stats["regenerated"] += len(leftover)
+            log.warning("%s: regenerating %d unfinished groups", self.name, len(leftover))
+            self._generate(stage, leftover, G)
+        while not self.r.exists(self.keys.stop):
+            want = self.cfg.rollout.prompts_per_request
+            tickets = pacer.reserve(want, should_stop=lambda: bool(self.r.exists(self.keys.stop)))
+            if not tickets:
+                break
+            mine = [t for t in tickets if t < total]
+            if mine:
+                self.r.hset(inflight, mapping={t: 1 for t in mine})
+                self._generate(stage, mine, G)
+            if len(mine) < len(tickets):  # past the stage's last ticket: nothing left
+                break
+        return dict(self.stats)
+
+    def _generate(self, stage: str, tickets: list[int], G: int) -> None:
+        from rollout.groups import build_group
+        from verifier.engine import Item
+
+        rc = self.cfg.rollout
+        version = self.sync_weights()
+        rows = [self.order[t] for t in tickets]
+        t0 = time.monotonic()
+        outs = self.engine.generate([r.prompt_ids for r in rows], rc.samples_per_prompt,
+                                    rc.temperature, rc.top_p, rc.max_tokens)
+        t1 = time.monotonic()
+        items = [Item(r.verifier, s.text, r.reference, r.metadata, id=f"{t}:{j}")
+                 for t, r, group in zip(tickets, rows, outs) for j, s in enumerate(group)]
+        verdicts = self.verifier.verify(items)
+        self.stats["gen_s"] += t1 - t0
+        self.stats["verify_s"] += time.monotonic() - t1
+        pipe = self.r.pipeline(transaction=True)
+        k = 0
+        for t, r, group in zip(tickets, rows, outs):
+            g = build_group(job_id=self.job_id, stage=stage, row=r, samples=group,
+                            verdicts=verdicts[k:k + len(group)], version=version, ticket=t,
+                            step=ticket_step(t, G), worker=self.name)
+            k += len(group)
+            pipe.xadd(self.keys.stream, {b"g": g.SerializeToString()})
+            pipe.hdel(self.keys.inflight(self.name), t)
+            self.stats["tokens"] += sum(len(s.completion_ids) for s in group)
+        pipe.execute()  # the groups and the end of their reservations land together
+        self.stats["groups"] += len(tickets)
+        self.stats["samples"] += sum(len(g) for g in outs)
+
+    # -- evaluation -----------------------------------------------------------------------
+
+    def evaluate(self, dataset: dict[str, Any], temperature: float, max_prompts: int,
+                 samples: int = 1) -> dict[str, Any]:
+        """Accuracy on held-out prompts with the newest weights (greedy if temperature 0)."""
+        from nebula.config.job import DatasetConfig
+        from rollout.prompts import load_prompt_rows
+        from verifier.engine import Item
+
+        version = self.sync_weights()
+        rows = load_prompt_rows(DatasetConfig.model_validate(dataset), self.tokenizer)
+        rows = rows[:max_prompts]
+        n = 1 if temperature == 0 else samples
+        outs = self.engine.generate([r.prompt_ids for r in rows], n, temperature, 1.0,
+                                    self.cfg.rollout.max_tokens)
+        items = [Item(r.verifier, s.text, r.reference, r.metadata)
+                 for r, group in zip(rows, outs) for s in group]
+        verdicts = self.verifier.verify(items)
+        by_domain: dict[str, list[float]] = {}
+        k = 0
+        for r, group in zip(rows, outs):
+            for _ in group:
+                by_domain.setdefault(r.domain or "all", []).append(float(verdicts[k].passed))
+                k += 1
+        allv = [x for v in by_domain.values() for x in v]
+        return {"version": version, "temperature": temperature, "prompts": len(rows),
+                "accuracy": sum(allv) / len(allv),
+                "by_domain": {d: sum(v) / len(v) for d, v in by_domain.items()}}
+
+    def generate_raw(self, prompt_ids: list[list[int]], n: int, max_tokens: int) -> float:
+        """Benchmark hook: seconds the bare engine takes for one generate call."""
+        t0 = time.monotonic()
+        self.engine.generate(prompt_ids, n, self.cfg.rollout.temperature, 1.0, max_tokens)
+        return time.monotonic() - t0
+
+    def pid(self) -> int:
+        return os.getpid()
