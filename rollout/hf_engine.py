@@ -65,9 +65,13 @@ class HFEngine(RolloutEngine):
             input_ids[r, width - len(p):] = torch.tensor(p, dtype=torch.long)
             mask[r, width - len(p):] = 1
         greedy = temperature <= 0
+        if greedy and n > 1:  # all n greedy samples are the same: compute one, copy it
+            return [[SampleOut(list(s.completion_ids), list(s.logprobs), s.text, s.finish_reason)
+                     for _ in range(n)] for (s,) in self._generate_chunk(
+                         prompt_ids, 1, temperature, top_p, max_tokens)]
         cfg = GenerationConfig(
             do_sample=not greedy, temperature=1.0 if greedy else float(temperature),
-            top_p=1.0 if greedy else float(top_p), top_k=0, min_p=None, typical_p=1.0,
+            top_p=1.0 if greedy else float(top_p), top_k=None if greedy else 0, min_p=0.0, typical_p=1.0,
             repetition_penalty=1.0, num_beams=1, num_return_sequences=n,
             max_new_tokens=max_tokens, min_new_tokens=0,
             eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id, bos_token_id=None,

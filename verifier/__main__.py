@@ -39,6 +39,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import asyncio
     import logging
+    import os
+
+    # The code sandbox forks subprocesses from a threaded gRPC server; gRPC's fork handlers
+    # are not needed there (children exec at once) and only log warnings.
+    os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from verifier.server import serve

@@ -48,6 +48,7 @@ WALL_TIMEOUT = "wall_timeout"
 CPU_LIMIT = "cpu_limit"
 FILE_SIZE_LIMIT = "file_size_limit"
 MEMORY_LIMIT = "memory_limit"
+TIME_LIMIT = "time_limit"  # a test (or loading the solution) ran past per_test_timeout_s
 PROCESS_LIMIT = "process_limit"
 NETWORK_BLOCKED = "network_blocked"
 WRITE_BLOCKED = "write_blocked"
@@ -89,6 +90,8 @@ def classify_exception(exc_type: str, errno: int | None, message: str = "") -> s
     short = exc_type.rsplit(".", 1)[-1]
     if short == "MemoryError":
         return MEMORY_LIMIT
+    if short == "TimeoutError" and message == "per-test time limit":  # the harness's alarm
+        return TIME_LIMIT
     if errno is None:
         m = _ERRNO_IN_MSG.search(message or "")
         errno = int(m.group(1)) if m else None

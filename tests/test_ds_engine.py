@@ -1,0 +1,239 @@
+"""DSLearnerEngine on CPU with a tiny random Qwen2: SFT/GRPO steps, weight publishing,
+checkpoint round trips and Hugging Face export (ZeRO-2, plus one ZeRO-3 test)."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("deepspeed")
+pytest.importorskip("transformers")
+
+from learner.losses import group_advantages  # noqa: E402
+from nebula.config.job import LearnerConfig, ToyModelConfig  # noqa: E402
+from nebula.v1.trajectory_pb2 import TrajectoryGroup  # noqa: E402
+
+TINY = ToyModelConfig(hidden_size=64, layers=2, heads=2, intermediate_size=128,
+                      max_position=64, seed=0)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A tiny random Qwen2 (hidden 64, 2 layers, ~100-token char vocab) with its tokenizer."""
+    from learner.toy_model import build_toy_model
+
+    path = tmp_path_factory.mktemp("tiny_qwen2")
+    build_toy_model(path, TINY)
+    return str(path)
+
+
+def _cfg(**kw: Any) -> LearnerConfig:
+    base = {"zero_stage": 2, "device": "cpu", "lr": 1e-2, "micro_batch": 4, "grad_clip": 1.0}
+    base.update(kw)
+    return LearnerConfig(**base)
+
+
+def _engine(model_dir: str, **kw: Any) -> Any:
+    from learner.ds_engine import DSLearnerEngine
+
+    return DSLearnerEngine(model_dir, _cfg(**kw))
+
+
+def _groups(n_groups: int = 2, n: int = 3, seed: int = 0, version: int = 0
+            ) -> list[TrajectoryGroup]:
+    """Groups with random prompts/completions, stale behaviour log-probs and GRPO advantages."""
+    rng = random.Random(seed)
+    groups = []
+    for g in range(n_groups):
+        group = TrajectoryGroup(group_id=f"g{g}",
+                                prompt_ids=[rng.randrange(3, 90) for _ in range(rng.randint(2, 5))])
+        rewards = [float(rng.random() < 0.5) for _ in range(n - 1)] + [float(g % 2)]
+        for r, a in zip(rewards, group_advantages(rewards)):
+            c = rng.randint(2, 6)
+            group.samples.add(
+                completion_ids=[rng.randrange(3, 90) for _ in range(c)],
+                behaviour_logprobs=[-rng.uniform(3.0, 6.0) for _ in range(c)],
+                policy_versions=[version] * c,
+                loss_mask=[1] * (c - 1) + [rng.randint(0, 1)],
+                reward=r, advantage=a if any(rewards) else 0.5)
+        groups.append(group)
+    return groups
+
+
+def _weights(engine: Any) -> dict[str, Any]:
+    return engine.full_state_dict()
+
+
+def _assert_same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+SFT_PAIRS = [([5, 6, 7], [8, 9, 10, 11]), ([12, 13], [14, 15]), ([20], [21, 22, 23]),
+             ([30, 31, 32, 33], [34, 35])]
+
+
+def test_sft_steps_reduce_loss(model_dir: str) -> None:
+    eng = _engine(model_dir, micro_batch=3)
+    try:
+        losses = [eng.sft_step(SFT_PAIRS)["loss"] for _ in range(6)]
+        assert losses[-1] < 0.7 * losses[0], losses
+        assert eng.version == 6
+    finally:
+        eng.close()
+
+
+def test_grpo_step_changes_weights_and_reports(model_dir: str) -> None:
+    eng = _engine(model_dir)
+    try:
+        before = _weights(eng)
+        m = eng.grpo_step(_groups())
+        after = _weights(eng)
+        assert any(not torch.equal(before[k], after[k]) for k in before)
+        assert eng.version == 1 and m["version"] == 1 and m["step_applied"] == 1
+        for key in ("loss", "grad_norm", "clip_frac", "kl", "ratio_mean", "is_weight_mean",
+                    "is_truncated_frac", "tokens", "step_time_s", "staleness_mean"):
+            assert key in m, key
+        assert m["grad_norm"] > 0 and m["tokens"] > 0
+        assert m["ratio_mean"] == pytest.approx(1.0, abs=1e-5)  # old == current at the first pass
+        assert m["is_truncated_frac"] > 0  # behaviour log-probs far below the learner's
+        lps = eng.logprobs(_groups())
+        assert [len(x) for x in lps] == [len(s.completion_ids) for g in _groups()
+                                         for s in g.samples]
+    finally:
+        eng.close()
+
+
+def test_micro_batching_matches_full_batch(model_dir: str) -> None:
+    """Accumulating over 1-sequence micro-batches gives the full-batch step (with SGD, whose
+    update is the clipped gradient; Adam's first step, lr * g / |g|, would amplify rounding
+    noise of near-zero gradients)."""
+    from learner.ds_engine import DSLearnerEngine
+
+    results = []
+    for mb in (1, 64):
+        eng = DSLearnerEngine(model_dir, _cfg(micro_batch=mb, loss_norm="sequence"),
+                              optimizer=lambda params: torch.optim.SGD(params, lr=1.0))
+        try:
+            m = eng.grpo_step(_groups())
+            results.append((m, _weights(eng)))
+        finally:
+            eng.close()
+    (m1, w1), (m2, w2) = results
+    assert m1["micro_batches"] == 6 and m2["micro_batches"] == 1
+    assert m1["loss"] == pytest.approx(m2["loss"], abs=1e-6)
+    assert m1["grad_norm"] == pytest.approx(m2["grad_norm"], rel=1e-5)
+    for k in w1:
+        torch.testing.assert_close(w1[k], w2[k], rtol=1e-5, atol=1e-6)
+
+
+def test_state_dict_blob_round_trip(model_dir: str) -> None:
+    from safetensors.torch import load
+    from transformers import AutoModelForCausalLM
+
+    eng = _engine(model_dir)
+    try:
+        eng.sft_step(SFT_PAIRS)
+        blob = eng.state_dict_blob()
+        ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+        with torch.no_grad():
+            eng.module.eval()
+            expected = eng.module(input_ids=ids).logits
+    finally:
+        eng.close()
+    fresh = AutoModelForCausalLM.from_pretrained(model_dir)
+    with torch.no_grad():
+        untrained = fresh(input_ids=ids).logits
+    missing, unexpected = fresh.load_state_dict(load(blob), strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}  # tied to the embeddings
+    fresh.eval()
+    with torch.no_grad():
+        got = fresh(input_ids=ids).logits
+    assert torch.equal(got, expected)
+    assert not torch.equal(untrained, expected)
+
+
+def test_checkpoint_round_trip_and_identical_next_step(model_dir: str, tmp_path: Path) -> None:
+    a = _engine(model_dir, micro_batch=2)
+    b = None
+    try:
+        a.sft_step(SFT_PAIRS)
+        a.grpo_step(_groups(seed=1))
+        a.save_checkpoint(tmp_path / "ckpt", {"stream_pos": "1700-3", "epoch": 2})
+        b = _engine(model_dir, micro_batch=2)
+        assert b.load_checkpoint(tmp_path / "ckpt") == {"stream_pos": "1700-3", "epoch": 2}
+        assert b.version == a.version == 2
+        _assert_same(_weights(a), _weights(b))
+        groups = _groups(seed=2, version=2)
+        ma, mb = a.grpo_step(groups), b.grpo_step(groups)
+        assert ma["loss"] == mb["loss"] and ma["grad_norm"] == mb["grad_norm"]
+        _assert_same(_weights(a), _weights(b))  # optimizer state restored too
+    finally:
+        a.close()
+        if b is not None:
+            b.close()
+
+
+def test_export_hf_loads_in_transformers(model_dir: str, tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    eng = _engine(model_dir)
+    try:
+        eng.sft_step(SFT_PAIRS)
+        out = eng.export_hf(tmp_path / "hf")
+        ids = torch.tensor([[5, 6, 7, 8]])
+        eng.module.eval()
+        with torch.no_grad():
+            expected = eng.module(input_ids=ids).logits
+    finally:
+        eng.close()
+    assert (Path(out) / "model.safetensors").exists()
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tok = AutoTokenizer.from_pretrained(out)
+    assert tok("ab")["input_ids"] == AutoTokenizer.from_pretrained(model_dir)("ab")["input_ids"]
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, expected)
+
+
+def test_kl_to_reference(model_dir: str) -> None:
+    eng = _engine(model_dir, kl={"coef": 0.1, "estimator": "k3"})
+    try:
+        assert eng.ref_model is not None
+        first = eng.grpo_step(_groups())
+        assert first["kl"] == pytest.approx(0.0, abs=1e-6)  # policy == reference before step 1
+        second = eng.grpo_step(_groups())
+        assert second["kl"] > 0
+    finally:
+        eng.close()
+
+
+def test_zero3_step_blob_and_checkpoint(model_dir: str, tmp_path: Path) -> None:
+    from safetensors.torch import load
+
+    z2 = _engine(model_dir, zero_stage=2)
+    try:
+        z2.grpo_step(_groups())
+        w2 = _weights(z2)
+    finally:
+        z2.close()
+    z3 = _engine(model_dir, zero_stage=3)
+    other = None
+    try:
+        z3.grpo_step(_groups())
+        w3 = load(z3.state_dict_blob())
+        assert w3.keys() == w2.keys()
+        for k in w2:  # same step as ZeRO-2
+            torch.testing.assert_close(w3[k], w2[k], rtol=1e-5, atol=1e-6)
+        z3.save_checkpoint(tmp_path / "z3", {"k": 1})
+        other = _engine(model_dir, zero_stage=3)
+        assert other.load_checkpoint(tmp_path / "z3") == {"k": 1}
+        _assert_same(_weights(z3), _weights(other))
+    finally:
+        z3.close()
+        if other is not None:
+            other.close()
