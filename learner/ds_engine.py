@@ -22,6 +22,7 @@ import math
 import os
 import shutil
 import socket
+import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
@@ -75,6 +76,13 @@ def setup_distributed_env(device_type: str) -> str:
     """
     os.environ["DS_ACCELERATOR"] = "cuda" if device_type == "cuda" else "cpu"
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", DEFAULT_TORCH_EXTENSIONS_DIR)
+    # torch builds ops with the first `ninja` on PATH. Ninja versions disagree on the format
+    # of their build log and rebuild everything when they meet another's, so processes that
+    # share TORCH_EXTENSIONS_DIR must use the same one: prefer the interpreter's own.
+    bindir = os.path.dirname(sys.executable)
+    venv_ninja = os.path.join(bindir, "ninja")
+    if os.access(venv_ninja, os.X_OK) and shutil.which("ninja") != venv_ninja:
+        os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
     Path(os.environ["TORCH_EXTENSIONS_DIR"]).mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
@@ -139,6 +147,7 @@ class DSLearnerEngine:
         self.temperature = float(temperature) if temperature and temperature > 0 else 1.0
         self.recompute_old_logprobs = recompute_old_logprobs
         self.version = int(version)
+        self._tokenizer: Any = None
         self.device_type = choose_device(cfg.device)
         backend = setup_distributed_env(self.device_type)
 
@@ -213,6 +222,15 @@ class DSLearnerEngine:
     def module(self) -> Any:
         """The wrapped Hugging Face model (parameters partitioned under ZeRO-3)."""
         return self.engine.module
+
+    @property
+    def tokenizer(self) -> Any:
+        """The tokenizer of `model_path` (loaded on first use)."""
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        return self._tokenizer
 
     @property
     def lr(self) -> float:
@@ -429,7 +447,8 @@ class DSLearnerEngine:
         return out
 
     def state_dict_blob(self) -> bytes:
-        """Full weights as a safetensors blob (metadata: format pt, policy version)."""
+        """Full weights as a safetensors blob (metadata: format pt, policy version).
+        Collective under ZeRO-3 (every rank calls it)."""
         from safetensors.torch import save
 
         return save(self.full_state_dict(), metadata={"format": "pt",
@@ -445,7 +464,9 @@ class DSLearnerEngine:
         return str(Path(directory) / tag)
 
     def load_checkpoint(self, directory: str | os.PathLike, tag: str | None = None) -> dict:
-        """Restore a `save_checkpoint` (latest tag unless given); returns its client_state."""
+        """Restore a `save_checkpoint` (latest tag unless given); returns its client_state.
+
+        Under ZeRO-3, load into a fresh engine (DeepSpeed wants an untouched model there)."""
         path, state = self.engine.load_checkpoint(str(directory), tag=tag,
                                                   load_optimizer_states=True,
                                                   load_lr_scheduler_states=True)
@@ -457,13 +478,13 @@ class DSLearnerEngine:
 
     def export_hf(self, directory: str | os.PathLike) -> str:
         """Write a Hugging Face checkpoint (safetensors weights, config, generation config and
-        the tokenizer files of `model_path`), loadable by transformers and vLLM."""
+        the tokenizer files of `model_path`), loadable by transformers and vLLM. Collective
+        under ZeRO-3 (every rank calls it); rank 0 writes."""
         directory = Path(directory)
         state = self.full_state_dict()
         if self.rank == 0:
             directory.mkdir(parents=True, exist_ok=True)
-            with self._gathered():
-                self.engine.module.save_pretrained(str(directory), state_dict=state)
+            self.engine.module.save_pretrained(str(directory), state_dict=state)
             src = Path(self.model_path)
             for f in src.iterdir():
                 if (f.is_file() and f.name not in _OWN_FILES

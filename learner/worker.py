@@ -37,10 +37,13 @@ class LearnerWorker:
                                       dtype=self.cfg.model.dtype,
                                       temperature=self.cfg.rollout.temperature or 1.0,
                                       reference=self.cfg.learner.kl.coef > 0)
-        self.tokenizer = self.engine.tokenizer
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(self.cfg.model.path)
         self.metrics = MetricsSink(Path(self.cfg.output_dir), redis_url,
                                    f"nebula:job:{job_id}:metrics")
         self.global_step = 0
+        self._published = -1
         self.status: dict[str, Any] = {"stage": "", "step": 0, "total": 0}
 
     # -- weights ------------------------------------------------------------------------
@@ -50,9 +53,12 @@ class LearnerWorker:
         import ray
 
         version = self.engine.version
+        if version == self._published:
+            return version
         ref = ray.put(self.engine.state_dict_blob())
         ray.get(self.store.publish.remote(version, [ref]))
         self.r.set(f"nebula:job:{self.job_id}:policy_version", version)
+        self._published = version
         return version
 
     # -- SFT ----------------------------------------------------------------------------
@@ -151,7 +157,7 @@ class LearnerWorker:
                 self.checkpoint(f"{name}-step{step + 1}", {"stage_index": stage_index,
                                                             "grpo_step": step + 1,
                                                             "stream_last_id": deliveries[-1].entry_id})
-        return {"stage": name, "steps": st.steps,
+        return {"stage": name, "steps": st.steps, "final_version": self.engine.version,
                 "staleness_hist": {str(k): v for k, v in sorted(staleness_hist.items())},
                 "samples": samples_total, "wall_s": time.monotonic() - t_stage}
 

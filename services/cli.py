@@ -115,6 +115,26 @@ def _verify_local(lines: object, timeout: float, config_path: Optional[Path]) ->
     asyncio.run(run())
 
 
+@app.command()
+def run(
+    config: Annotated[Path, typer.Argument(help="job config (YAML or JSON)")],
+    job_id: Annotated[Optional[str], typer.Option(help="job id (default: name + random)")] = None,
+) -> None:
+    """Run a job on the embedded default (local Ray, Redis, verifier) or a configured cluster."""
+    from nebula.config import ConfigError, load_file
+    from nebula.config.job import JobConfig
+
+    try:
+        cfg = load_file(JobConfig, config)
+    except ConfigError as e:
+        _fail(str(e))
+    from services.progress import run_with_progress
+
+    summary = run_with_progress(cfg, job_id)
+    typer.echo(json.dumps({"job_id": summary["job_id"], "evals": summary["evals"],
+                           "export": summary.get("export"), "wall_s": round(summary["wall_s"], 1)}))
+
+
 def main() -> None:
     app()
 

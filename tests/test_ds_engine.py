@@ -37,10 +37,14 @@ def _cfg(**kw: Any) -> LearnerConfig:
     return LearnerConfig(**base)
 
 
-def _engine(model_dir: str, **kw: Any) -> Any:
+def _engine(model_dir: str, sgd: bool = False, **kw: Any) -> Any:
+    """Engine with torch AdamW (default) or plain SGD (lr 1), whose update is the clipped
+    gradient: comparisons of two ways to compute a step use SGD, since Adam's first step
+    (lr * g / |g|) amplifies the rounding noise of near-zero gradients."""
     from learner.ds_engine import DSLearnerEngine
 
-    return DSLearnerEngine(model_dir, _cfg(**kw))
+    opt = (lambda params: torch.optim.SGD(params, lr=1.0)) if sgd else None
+    return DSLearnerEngine(model_dir, _cfg(**kw), optimizer=opt)
 
 
 def _groups(n_groups: int = 2, n: int = 3, seed: int = 0, version: int = 0
@@ -84,6 +88,8 @@ def test_sft_steps_reduce_loss(model_dir: str) -> None:
         losses = [eng.sft_step(SFT_PAIRS)["loss"] for _ in range(6)]
         assert losses[-1] < 0.7 * losses[0], losses
         assert eng.version == 6
+        assert eng.tokenizer("ab")["input_ids"] == [eng.tokenizer.convert_tokens_to_ids(c)
+                                                    for c in "ab"]
     finally:
         eng.close()
 
@@ -110,15 +116,10 @@ def test_grpo_step_changes_weights_and_reports(model_dir: str) -> None:
 
 
 def test_micro_batching_matches_full_batch(model_dir: str) -> None:
-    """Accumulating over 1-sequence micro-batches gives the full-batch step (with SGD, whose
-    update is the clipped gradient; Adam's first step, lr * g / |g|, would amplify rounding
-    noise of near-zero gradients)."""
-    from learner.ds_engine import DSLearnerEngine
-
+    """Accumulating over 1-sequence micro-batches gives the full-batch step."""
     results = []
     for mb in (1, 64):
-        eng = DSLearnerEngine(model_dir, _cfg(micro_batch=mb, loss_norm="sequence"),
-                              optimizer=lambda params: torch.optim.SGD(params, lr=1.0))
+        eng = _engine(model_dir, sgd=True, micro_batch=mb, loss_norm="sequence")
         try:
             m = eng.grpo_step(_groups())
             results.append((m, _weights(eng)))
@@ -215,25 +216,34 @@ def test_kl_to_reference(model_dir: str) -> None:
 def test_zero3_step_blob_and_checkpoint(model_dir: str, tmp_path: Path) -> None:
     from safetensors.torch import load
 
-    z2 = _engine(model_dir, zero_stage=2)
+    z2 = _engine(model_dir, sgd=True, zero_stage=2)
     try:
         z2.grpo_step(_groups())
         w2 = _weights(z2)
     finally:
         z2.close()
-    z3 = _engine(model_dir, zero_stage=3)
-    other = None
+    z3 = _engine(model_dir, sgd=True, zero_stage=3)
     try:
         z3.grpo_step(_groups())
-        w3 = load(z3.state_dict_blob())
-        assert w3.keys() == w2.keys()
-        for k in w2:  # same step as ZeRO-2
-            torch.testing.assert_close(w3[k], w2[k], rtol=1e-5, atol=1e-6)
-        z3.save_checkpoint(tmp_path / "z3", {"k": 1})
-        other = _engine(model_dir, zero_stage=3)
-        assert other.load_checkpoint(tmp_path / "z3") == {"k": 1}
-        _assert_same(_weights(z3), _weights(other))
+        w3 = load(z3.state_dict_blob())  # gathered from the partitions
     finally:
         z3.close()
-        if other is not None:
-            other.close()
+    assert w3.keys() == w2.keys()
+    for k in w2:  # the same step as under ZeRO-2
+        torch.testing.assert_close(w3[k], w2[k], rtol=1e-5, atol=1e-6)
+
+    a = _engine(model_dir, zero_stage=3)
+    b = None
+    try:
+        a.grpo_step(_groups())
+        a.save_checkpoint(tmp_path / "z3", {"k": 1})
+        b = _engine(model_dir, zero_stage=3)
+        assert b.load_checkpoint(tmp_path / "z3") == {"k": 1}
+        _assert_same(_weights(a), _weights(b))
+        groups = _groups(seed=3, version=1)
+        assert a.grpo_step(groups)["loss"] == b.grpo_step(groups)["loss"]
+        _assert_same(_weights(a), _weights(b))
+    finally:
+        a.close()
+        if b is not None:
+            b.close()

@@ -1,0 +1,22 @@
+"""Build the rollout engine a job config asks for."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from nebula.config.job import JobConfig
+
+
+def make_engine(cfg: JobConfig, seed: int) -> Any:
+    from rollout.engine import create_engine
+
+    rc = cfg.rollout
+    kwargs: dict[str, Any] = {}
+    if rc.engine == "vllm":
+        cache = os.environ.get("VLLM_CACHE_ROOT") or os.path.join(cfg.output_dir, ".vllm-cache")
+        kwargs = {"cache_root": cache}
+        if cfg.model.toy is not None:
+            kwargs["max_model_len"] = cfg.model.toy.max_position
+    return create_engine(rc.engine, cfg.model.path, dtype=cfg.model.dtype, seed=seed,
+                         kv_cache_gb=rc.kv_cache_gb, **kwargs)

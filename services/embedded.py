@@ -1,0 +1,50 @@
+"""The embedded default: what `nebula run` starts when no cluster is configured — a local
+Ray, a Redis it owns, and the verifier service — and stops at the end."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+from nebula.config.job import JobConfig
+
+
+@contextlib.contextmanager
+def embedded_stack(cfg: JobConfig, work_dir: Path) -> Iterator[dict[str, Any]]:
+    """Yields {"redis_url", "verifier_address"} with Ray initialised; cleans up on exit."""
+    import ray
+
+    from nebula.transport.redis_server import EmbeddedRedis
+    from verifier.launch import verifier_process
+
+    cl = cfg.cluster
+    with contextlib.ExitStack() as stack:
+        redis_url = cl.redis_url
+        if redis_url is None:
+            redis_url = stack.enter_context(EmbeddedRedis(work_dir / "redis")).url
+        verifier_address = cl.verifier_address
+        if verifier_address is None:
+            vcfg = cl.verifier.model_dump()
+            vcfg.update(port=0, metrics_port=None, host="127.0.0.1")
+            srv = stack.enter_context(verifier_process(work_dir / "verifier", vcfg))
+            verifier_address = srv["address"]
+        if not ray.is_initialized():
+            if cl.ray_address:
+                ray.init(address=cl.ray_address, log_to_driver=True)
+            else:
+                # A private local Ray on loopback: its own temp dir (short path: Ray's socket
+                # names must fit in 107 bytes) and no token file written to ~/.ray.
+                os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+                tmp = tempfile.mkdtemp(prefix="nray-", dir="/tmp")
+                ray.init(num_cpus=max(os.cpu_count() or 1, _cpus_needed(cfg)),
+                         include_dashboard=False, _temp_dir=tmp, log_to_driver=True,
+                         configure_logging=True, logging_level="WARNING")
+            stack.callback(ray.shutdown)
+        yield {"redis_url": redis_url, "verifier_address": verifier_address}
+
+
+def _cpus_needed(cfg: JobConfig) -> int:
+    return int(1 + cfg.rollout.workers * cfg.rollout.num_cpus + 0.999)

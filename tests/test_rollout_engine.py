@@ -1,0 +1,266 @@
+"""Rollout engines (vLLM and transformers) on the toy model: sampling, behaviour log-probs that
+match a transformers forward at the sampling temperature, EOS handling, in-place weight updates.
+
+One in-process vLLM engine (VLLM_ENABLE_V1_MULTIPROCESSING=0, starts in seconds) is shared by the
+tests of this module.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+
+from learner.toy_model import build_toy_model  # noqa: E402
+from nebula.config.job import ToyModelConfig  # noqa: E402
+from rollout.engine import (  # noqa: E402
+    RolloutEngine,
+    SampleOut,
+    VLLMEngine,
+    blob_to_state_dict,
+    state_dict_to_blob,
+)
+from rollout.hf_engine import HFEngine  # noqa: E402
+
+EOS = 1
+PROMPTS = ["1+1=", "Hello, my name is", "x", "The answer:\n"]
+_VLLM_ENV = ("VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_CPU_KVCACHE_SPACE", "VLLM_CACHE_ROOT")
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_toy_model(tmp_path_factory.mktemp("toy") / "seed0", ToyModelConfig(seed=0))
+
+
+@pytest.fixture(scope="module")
+def toy2(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_toy_model(tmp_path_factory.mktemp("toy") / "seed1", ToyModelConfig(seed=1))
+
+
+@pytest.fixture(scope="module")
+def prompt_ids(toy: Path) -> list[list[int]]:
+    tok = AutoTokenizer.from_pretrained(toy)
+    return [tok(p)["input_ids"] for p in PROMPTS]
+
+
+@pytest.fixture(scope="module")
+def ref_model(toy: Path):
+    return AutoModelForCausalLM.from_pretrained(toy, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def ref_model2(toy2: Path):
+    return AutoModelForCausalLM.from_pretrained(toy2, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def vllm_engine(toy: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[VLLMEngine]:
+    pytest.importorskip("vllm")
+    saved = {k: os.environ.get(k) for k in _VLLM_ENV}
+    engine = VLLMEngine(toy, dtype="float32", max_model_len=256, seed=0, kv_cache_gb=1,
+                        cache_root=tmp_path_factory.mktemp("vllm-cache"), multiprocessing=False)
+    try:
+        yield engine
+    finally:
+        engine.close()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def hf_engine(toy: Path) -> HFEngine:
+    return HFEngine(toy, dtype="float32", seed=0)
+
+
+@pytest.fixture(params=["vllm", "hf"])
+def engine(request: pytest.FixtureRequest) -> RolloutEngine:
+    return request.getfixturevalue(f"{request.param}_engine")
+
+
+# ------------------------------------------------------------------------------------ helpers
+
+
+def forward_logprobs(model, prompt: list[int], completion: list[int],
+                     temperature: float) -> torch.Tensor:
+    """log_softmax(logits / temperature) at the completion tokens (what the learner computes)."""
+    ids = torch.tensor([prompt + completion])
+    with torch.no_grad():
+        logits = model(ids).logits[0, len(prompt) - 1:-1].float()
+    return torch.log_softmax(logits / temperature, -1).gather(
+        -1, torch.tensor(completion)[:, None])[:, 0]
+
+
+def greedy_reference(model, prompt: list[int], max_tokens: int) -> list[int]:
+    """Plain argmax decoding with full forwards (no cache), stopping after EOS."""
+    ids = list(prompt)
+    out: list[int] = []
+    with torch.no_grad():
+        for _ in range(max_tokens):
+            nxt = int(model(torch.tensor([ids])).logits[0, -1].argmax())
+            out.append(nxt)
+            ids.append(nxt)
+            if nxt == EOS:
+                break
+    return out
+
+
+def check_group_shapes(groups: list[list[SampleOut]], n_prompts: int, n: int,
+                       max_tokens: int) -> None:
+    assert len(groups) == n_prompts
+    for group in groups:
+        assert len(group) == n
+        for s in group:
+            assert 1 <= len(s.completion_ids) <= max_tokens
+            assert len(s.logprobs) == len(s.completion_ids)
+            assert all(lp <= 1e-6 for lp in s.logprobs)
+            if s.finish_reason == "stop":
+                assert s.completion_ids[-1] == EOS and EOS not in s.completion_ids[:-1]
+            else:
+                assert s.finish_reason == "length"
+                assert len(s.completion_ids) == max_tokens and EOS not in s.completion_ids
+
+
+# -------------------------------------------------------------------------------------- tests
+
+
+def test_generate_groups(engine: RolloutEngine, prompt_ids: list[list[int]], toy: Path) -> None:
+    tok = AutoTokenizer.from_pretrained(toy)
+    groups = engine.generate(prompt_ids, n=4, temperature=1.0, top_p=1.0, max_tokens=8)
+    check_group_shapes(groups, len(prompt_ids), 4, 8)
+    for group in groups:
+        for s in group:
+            assert s.text == tok.decode(s.completion_ids, skip_special_tokens=True)
+        assert len({tuple(s.completion_ids) for s in group}) > 1  # really sampled
+    assert engine.generate([], n=4, temperature=1.0, top_p=1.0, max_tokens=8) == []
+
+
+def test_eos_is_kept(engine: RolloutEngine, prompt_ids: list[list[int]]) -> None:
+    # The random toy model emits EOS with probability ~1/99 per token: among 128 samples of 48
+    # tokens, many stop early.
+    groups = engine.generate(prompt_ids, n=32, temperature=1.0, top_p=1.0, max_tokens=48)
+    check_group_shapes(groups, len(prompt_ids), 32, 48)
+    stops = [s for g in groups for s in g if s.finish_reason == "stop"]
+    assert stops and all(s.completion_ids[-1] == EOS for s in stops)
+    assert any(s.finish_reason == "length" for g in groups for s in g)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_logprobs_match_transformers(engine: RolloutEngine, prompt_ids: list[list[int]],
+                                     ref_model, temperature: float) -> None:
+    groups = engine.generate(prompt_ids, n=4, temperature=temperature, top_p=1.0, max_tokens=12)
+    worst, worst_other = 0.0, 0.0
+    for prompt, group in zip(prompt_ids, groups):
+        for s in group:
+            ref = forward_logprobs(ref_model, prompt, s.completion_ids, temperature)
+            got = torch.tensor(s.logprobs)
+            worst = max(worst, float((ref - got).abs().max()))
+            other = 1.0 if temperature != 1.0 else 0.5  # a wrong temperature must be visible
+            wrong = forward_logprobs(ref_model, prompt, s.completion_ids, other)
+            worst_other = max(worst_other, float((wrong - got).abs().max()))
+    assert worst < 1e-3, worst
+    assert worst_other > 1e-2, worst_other
+
+
+def test_top_p_logprobs_are_renormalised(engine: RolloutEngine, prompt_ids: list[list[int]],
+                                         ref_model) -> None:
+    """With top_p < 1 the behaviour log-prob is that of the nucleus distribution: >= the full one."""
+    groups = engine.generate(prompt_ids[:2], n=4, temperature=1.0, top_p=0.5, max_tokens=6)
+    for prompt, group in zip(prompt_ids, groups):
+        for s in group:
+            full = forward_logprobs(ref_model, prompt, s.completion_ids, 1.0)
+            assert (torch.tensor(s.logprobs) >= full - 1e-4).all()
+            assert (torch.tensor(s.logprobs) > full + 1e-2).any()
+
+
+def test_greedy(engine: RolloutEngine, prompt_ids: list[list[int]], ref_model) -> None:
+    groups = engine.generate(prompt_ids, n=2, temperature=0.0, top_p=1.0, max_tokens=16)
+    for prompt, group in zip(prompt_ids, groups):
+        expected = greedy_reference(ref_model, prompt, 16)
+        assert [s.completion_ids for s in group] == [expected, expected]
+        ref = forward_logprobs(ref_model, prompt, expected, 1.0)
+        assert float((ref - torch.tensor(group[0].logprobs)).abs().max()) < 1e-3
+
+
+def test_load_weights_changes_outputs(engine: RolloutEngine, prompt_ids: list[list[int]],
+                                      ref_model, ref_model2, toy: Path) -> None:
+    def greedy() -> list[list[int]]:
+        groups = engine.generate(prompt_ids, n=1, temperature=0.0, top_p=1.0, max_tokens=16)
+        return [g[0].completion_ids for g in groups]
+
+    assert engine.version == 0
+    before = greedy()
+    assert before == [greedy_reference(ref_model, p, 16) for p in prompt_ids]
+
+    blob2 = state_dict_to_blob(ref_model2.state_dict())
+    assert "lm_head.weight" not in blob_to_state_dict(blob2)  # tied: sent once
+    engine.load_weights(blob2, version=1)
+    assert engine.version == 1
+    after = greedy()
+    assert after != before
+    assert after == [greedy_reference(ref_model2, p, 16) for p in prompt_ids]
+    groups = engine.generate(prompt_ids[:1], n=2, temperature=0.7, top_p=1.0, max_tokens=8)
+    for s in groups[0]:
+        ref = forward_logprobs(ref_model2, prompt_ids[0], s.completion_ids, 0.7)
+        assert float((ref - torch.tensor(s.logprobs)).abs().max()) < 1e-3
+
+    # Back to the original weights (the engine is shared by the module's tests).
+    engine.load_weights(state_dict_to_blob(ref_model.state_dict()), version=2)
+    assert engine.version == 2
+    assert greedy() == before
+
+
+def test_vllm_and_hf_agree_on_greedy(vllm_engine: VLLMEngine, hf_engine: HFEngine,
+                                     prompt_ids: list[list[int]]) -> None:
+    a = vllm_engine.generate(prompt_ids, n=1, temperature=0.0, top_p=1.0, max_tokens=16)
+    b = hf_engine.generate(prompt_ids, n=1, temperature=0.0, top_p=1.0, max_tokens=16)
+    assert [g[0].completion_ids for g in a] == [g[0].completion_ids for g in b]
+    for ga, gb in zip(a, b):
+        assert max(abs(x - y) for x, y in zip(ga[0].logprobs, gb[0].logprobs)) < 1e-3
+
+
+def test_hf_engine_rejects_bad_blob(hf_engine: HFEngine) -> None:
+    blob = state_dict_to_blob({"model.embed_tokens.weight": torch.zeros(99, 128)})
+    with pytest.raises(KeyError):
+        hf_engine.load_weights(blob, version=9)
+    assert hf_engine.version != 9
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("NEBULA_TEST_VLLM_MP") != "1",
+                    reason="multiprocess vLLM starts in ~1 min; set NEBULA_TEST_VLLM_MP=1")
+def test_vllm_multiprocess_engine(toy: Path, prompt_ids: list[list[int]], ref_model, ref_model2,
+                                  tmp_path: Path) -> None:
+    """vLLM's default engine (core in a child process): blobs cross the process boundary."""
+    pytest.importorskip("vllm")
+    saved = {k: os.environ.get(k) for k in _VLLM_ENV}
+    engine = VLLMEngine(toy, max_model_len=256, seed=0, kv_cache_gb=1, cache_root=tmp_path,
+                        multiprocessing=True)
+    try:
+        groups = engine.generate(prompt_ids, n=4, temperature=0.7, top_p=1.0, max_tokens=12)
+        check_group_shapes(groups, len(prompt_ids), 4, 12)
+        for prompt, group in zip(prompt_ids, groups):
+            for s in group:
+                ref = forward_logprobs(ref_model, prompt, s.completion_ids, 0.7)
+                assert float((ref - torch.tensor(s.logprobs)).abs().max()) < 1e-3
+        engine.load_weights(state_dict_to_blob(ref_model2.state_dict()), version=5)
+        assert engine.version == 5
+        greedy = engine.generate(prompt_ids, n=1, temperature=0.0, top_p=1.0, max_tokens=16)
+        assert [g[0].completion_ids for g in greedy] == [
+            greedy_reference(ref_model2, p, 16) for p in prompt_ids]
+    finally:
+        engine.close()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
