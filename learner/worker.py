@@ -109,6 +109,7 @@ class LearnerWorker:
         self.engine.set_lr(self.cfg.learner.lr)
         buffered: dict[int, Any] = {}
         staleness_hist: Counter[int] = Counter()
+        tickets_trained: list[int] = []
         t_stage = time.monotonic()
         samples_total = 0
         for step in range(pacer.steps_done(), st.steps):
@@ -125,6 +126,7 @@ class LearnerWorker:
                     return {"stage": name, "stopped_at": step}
             deliveries = [buffered.pop(t) for t in sorted(want)]
             groups = [d.group for d in deliveries]
+            tickets_trained += [g.ticket for g in groups]
             wait_s = time.monotonic() - t_wait
             before = self.engine.version
             t0 = time.monotonic()
@@ -159,7 +161,8 @@ class LearnerWorker:
                                                             "stream_last_id": deliveries[-1].entry_id})
         return {"stage": name, "steps": st.steps, "final_version": self.engine.version,
                 "staleness_hist": {str(k): v for k, v in sorted(staleness_hist.items())},
-                "samples": samples_total, "wall_s": time.monotonic() - t_stage}
+                "samples": samples_total, "wall_s": time.monotonic() - t_stage,
+                "tickets_trained": tickets_trained}
 
     # -- checkpoints --------------------------------------------------------------------
 

@@ -134,7 +134,9 @@ class VLLMEngine(RolloutEngine):
 
     `multiprocessing`: None keeps `VLLM_ENABLE_V1_MULTIPROCESSING` as it is (vLLM's default: on,
     engine core in a child process - slow start, faster generation); False runs the engine in
-    this process (starts in seconds). The env var is process-wide.
+    this process (starts in seconds). The env var is process-wide. In-process, vLLM also
+    seeds the process's global RNGs and may lower torch's thread count. With multiprocessing
+    vLLM spawns its engine process: scripts need an `if __name__ == "__main__":` guard.
     """
 
     EXTENSION = "rollout.vllm_ext.WeightUpdateExtension"
@@ -144,7 +146,7 @@ class VLLMEngine(RolloutEngine):
                  cache_root: str | Path | None = None, multiprocessing: bool | None = None,
                  max_num_seqs: int | None = None, **llm_kwargs: Any) -> None:
         _set_vllm_env(kv_cache_gb, cache_root, multiprocessing)
-        from vllm import LLM  # lazy: importing vLLM takes ~15 s
+        from vllm import LLM  # lazy: importing vLLM takes seconds
 
         kwargs: dict[str, Any] = dict(
             model=str(model_path), dtype=dtype, enforce_eager=True, seed=seed,
@@ -199,10 +201,6 @@ class VLLMEngine(RolloutEngine):
             # Cached prefixes hold KV computed with the old weights.
             self._llm.reset_prefix_cache()
             self._version = int(version)
-
-    def weights_checksum(self) -> float:
-        """Sum of the worker's parameters (tests)."""
-        return float(self._llm.collective_rpc("weights_checksum")[0])
 
     def close(self) -> None:
         with self._lock:

@@ -45,12 +45,3 @@ class WeightUpdateExtension:
                         and isinstance(method, UnquantizedEmbeddingMethod)
                         and not module.weight.is_meta):
                     method.process_weights_after_loading(module)
-
-    def weights_checksum(self) -> float:
-        """Sum of all parameters in float64 (tests: did an update reach the worker?)."""
-        import torch
-
-        total = torch.zeros((), dtype=torch.float64)
-        for p in self.model_runner.model.parameters():
-            total += p.detach().double().sum()
-        return float(total)

@@ -53,6 +53,7 @@ class JobRunner:
             self.log(f"model ready at {self.cfg.model.path} ({time.monotonic() - t0:.1f}s)")
         t_job = time.monotonic()
         with embedded_stack(self.cfg, self.out / "services") as stack:
+            self.summary["redis_url"] = stack["redis_url"]
             self._run_stages(stack)
         self.summary["wall_s"] = time.monotonic() - t_job
         (self.out / "summary.json").write_text(json.dumps(self.summary, indent=2, default=str))
