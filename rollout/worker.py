@@ -48,7 +48,8 @@ class RolloutWorker:
         self.order = PromptOrder(self.rows, self.cfg.seed)
         self.verifier = VerifierClient(verifier_address, timeout_s=600)
         self.stats = {"groups": 0, "samples": 0, "tokens": 0, "gen_s": 0.0, "verify_s": 0.0,
-                      "weight_loads": 0, "regenerated": 0}
+                      "weight_load_s": 0.0, "weight_loads": 0, "regenerated": 0,
+                      "busy_s": 0.0, "pacing_wait_s": 0.0}
 
     # -- weights ------------------------------------------------------------------------
 
@@ -58,8 +59,10 @@ class RolloutWorker:
 
         version, ref = ray.get(self.store.latest.remote())
         if version > self.engine.version and ref:
+            t0 = time.monotonic()
             self.engine.load_weights(ray.get(ref[0]), version)
             self.stats["weight_loads"] += 1
+            self.stats["weight_load_s"] += time.monotonic() - t0
         return self.engine.version
 
     # -- GRPO ---------------------------------------------------------------------------
@@ -79,13 +82,17 @@ class RolloutWorker:
             self._generate(stage, leftover, G)
         while not self.r.exists(self.keys.stop):
             want = self.cfg.rollout.prompts_per_request
+            t0 = time.monotonic()
             tickets = pacer.reserve(want, should_stop=lambda: bool(self.r.exists(self.keys.stop)))
+            t1 = time.monotonic()
+            self.stats["pacing_wait_s"] += t1 - t0
             if not tickets:
                 break
             mine = [t for t in tickets if t < total]
             if mine:
                 self.r.hset(inflight, mapping={t: 1 for t in mine})
                 self._generate(stage, mine, G)
+            self.stats["busy_s"] += time.monotonic() - t1
             if len(mine) < len(tickets):  # past the stage's last ticket: nothing left
                 break
         return dict(self.stats)
@@ -149,11 +156,18 @@ class RolloutWorker:
                 "accuracy": sum(allv) / len(allv),
                 "by_domain": {d: sum(v) / len(v) for d, v in by_domain.items()}}
 
-    def generate_raw(self, prompt_ids: list[list[int]], n: int, max_tokens: int) -> float:
-        """Benchmark hook: seconds the bare engine takes for one generate call."""
-        t0 = time.monotonic()
-        self.engine.generate(prompt_ids, n, self.cfg.rollout.temperature, 1.0, max_tokens)
-        return time.monotonic() - t0
+    def generate_raw(self, tickets: list[int]) -> dict[str, float]:
+        """Benchmark hook: the bare engine on the prompts of `tickets`, in requests of the
+        size the worker uses, with the job's sampling settings; no verifier, no stream."""
+        rc = self.cfg.rollout
+        rows = [self.order[t] for t in tickets]
+        tokens, t0 = 0, time.monotonic()
+        for i in range(0, len(rows), rc.prompts_per_request):
+            chunk = rows[i:i + rc.prompts_per_request]
+            outs = self.engine.generate([r.prompt_ids for r in chunk], rc.samples_per_prompt,
+                                        rc.temperature, rc.top_p, rc.max_tokens)
+            tokens += sum(len(s.completion_ids) for g in outs for s in g)
+        return {"tokens": tokens, "seconds": time.monotonic() - t0}
 
     def pid(self) -> int:
         return os.getpid()

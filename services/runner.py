@@ -40,6 +40,9 @@ class JobRunner:
         self.log = log
         self.out = Path(cfg.output_dir)
         self.summary: dict[str, Any] = {"job_id": self.job_id, "stages": [], "evals": []}
+        # Called after each GRPO stage with (stage index, result, rollout actors); benchmarks
+        # use it to measure the bare engines in the same run.
+        self.on_grpo_end: Callable[[int, dict[str, Any], list[Any]], None] | None = None
 
     def run(self) -> dict[str, Any]:
         from services.embedded import embedded_stack
@@ -133,6 +136,8 @@ class JobRunner:
 
                     redis.Redis.from_url(stack["redis_url"]).set(f"nebula:job:{keys_id}:stop", 1)
                     res["rollout"] = ray.get(runs)
+                    if self.on_grpo_end:
+                        self.on_grpo_end(i, res, rollouts)
                     self._evaluate(rollouts, f"after stage {i} (grpo)", res["final_version"])
                 else:  # pragma: no cover - the config admits only the stages above
                     raise ValueError(f"unsupported stage {stage}")

@@ -42,7 +42,7 @@ class EmbeddedRedis:
 
     def __init__(self, data_dir: str | Path | None = None, port: int | None = None,
                  persist: bool = False) -> None:
-        self.data_dir = Path(data_dir or tempfile.mkdtemp(prefix="nebula-redis-"))
+        self.data_dir = Path(data_dir or tempfile.mkdtemp(prefix="nebula-redis-")).resolve()
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.port = port or _free_port()
         self.persist = persist
