@@ -21,8 +21,20 @@ from nebula.transport.pacing import JobKeys, StalenessPacer
 log = logging.getLogger("nebula.learner")
 
 
+def sft_lr(peak: float, step: int, total: int, warmup_frac: float = 0.05,
+           floor_frac: float = 0.1) -> float:
+    """Linear warm-up over the first 5% of steps, then cosine decay to 10% of the peak."""
+    import math
+
+    warm = max(1, int(total * warmup_frac))
+    if step < warm:
+        return peak * (step + 1) / warm
+    progress = (step - warm) / max(1, total - warm)
+    return peak * (floor_frac + (1 - floor_frac) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
 class LearnerWorker:
-    def __init__(self, job: dict[str, Any], job_id: str, redis_url: str,
+    def __init__(self, job: dict[str, Any], job_id: str, redis_url: str | None,
                  weight_store: Any) -> None:
         import redis
 
@@ -31,7 +43,7 @@ class LearnerWorker:
 
         self.cfg = JobConfig.model_validate(job)
         self.job_id, self.redis_url = job_id, redis_url
-        self.r = redis.Redis.from_url(redis_url)
+        self.r = redis.Redis.from_url(redis_url) if redis_url else None
         self.store = weight_store
         self.engine = DSLearnerEngine(self.cfg.model.path, self.cfg.learner,
                                       dtype=self.cfg.model.dtype,
@@ -57,7 +69,8 @@ class LearnerWorker:
             return version
         ref = ray.put(self.engine.state_dict_blob())
         ray.get(self.store.publish.remote(version, [ref]))
-        self.r.set(f"nebula:job:{self.job_id}:policy_version", version)
+        if self.r is not None:
+            self.r.set(f"nebula:job:{self.job_id}:policy_version", version)
         self._published = version
         return version
 
@@ -76,7 +89,6 @@ class LearnerWorker:
         rng = random.Random(self.cfg.seed + stage_index)
         name = f"sft{stage_index}"
         self.status = {"stage": name, "step": 0, "total": st.steps}
-        self.engine.set_lr(st.lr)
         order: list[int] = []
         last: dict[str, Any] = {}
         for step in range(st.steps):
@@ -85,6 +97,7 @@ class LearnerWorker:
                 rng.shuffle(perm)
                 order += perm
             idx, order = order[:st.batch_size], order[st.batch_size:]
+            self.engine.set_lr(sft_lr(st.lr, step, st.steps))
             t0 = time.monotonic()
             m = self.engine.sft_step(collate_sft([pairs[i] for i in idx],
                                                  self.tokenizer.pad_token_id))
@@ -130,7 +143,15 @@ class LearnerWorker:
             wait_s = time.monotonic() - t_wait
             before = self.engine.version
             t0 = time.monotonic()
-            m = self.engine.grpo_step(groups)
+            trained = groups
+            if self.cfg.learner.skip_uniform_groups:
+                trained = [g for g in groups if any(s.advantage != 0 or len(s.token_advantages)
+                                                    for s in g.samples)]
+            if trained:
+                m = self.engine.grpo_step(trained)
+            else:  # nothing to learn from: no optimizer step, but the groups are consumed
+                m = {"step_applied": 0.0}
+            m["groups_trained"] = len(trained)
             step_s = time.monotonic() - t0
             if (step + 1) % self.cfg.learner.publish_every == 0 or step + 1 == st.steps:
                 self.publish()

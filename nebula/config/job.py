@@ -56,7 +56,8 @@ class SFTStage(Strict):
                                           "the target is the reference field.")
     steps: int = Field(100, gt=0, description="Optimizer steps.")
     batch_size: int = Field(32, gt=0, description="Sequences per step.")
-    lr: float = Field(1e-3, gt=0, description="Peak learning rate (warm-up then constant).")
+    lr: float = Field(1e-3, gt=0, description="Peak learning rate (5% linear warm-up, then "
+                      "cosine decay to 10% of it).")
 
 
 class GRPOStage(Strict):
@@ -84,9 +85,6 @@ class RolloutConfig(Strict):
     kv_cache_gb: float = Field(1.0, gt=0, description="vLLM CPU KV cache (VLLM_CPU_KVCACHE_SPACE).")
     num_cpus: float = Field(1.0, gt=0, description="CPUs Ray reserves per rollout actor.")
     num_gpus: float = Field(0.0, ge=0, description="GPUs Ray reserves per rollout actor.")
-    skip_uniform_groups: bool = Field(
-        False, description="Do not train on groups whose rewards are all equal (zero advantage); "
-        "they are still written to the stream, marked, and counted in metrics.")
 
 
 class KLConfig(Strict):
@@ -112,6 +110,9 @@ class LearnerConfig(Strict):
     grad_clip: float = Field(1.0, gt=0, description="Gradient norm clip.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     publish_every: int = Field(1, gt=0, description="Publish weights every k optimizer steps.")
+    skip_uniform_groups: bool = Field(
+        True, description="Leave groups whose rewards are all equal (zero advantage) out of the "
+        "loss normalisation; they are still consumed, acknowledged and counted in metrics.")
     seed: int = Field(0, description="Seed of data order and init.")
 
 

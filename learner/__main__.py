@@ -1,0 +1,47 @@
+"""`python -m learner --config JOB`: run a job's SFT stages on this node, without Ray.
+
+Reads the config first; then trains the SFT stages with the DeepSpeed engine and exports a
+Hugging Face checkpoint to --out (RL stages need rollout workers: use `nebula run`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m learner", description=__doc__)
+    ap.add_argument("--config", required=True, help="job config (YAML/JSON)")
+    ap.add_argument("--out", required=True, help="directory for the exported checkpoint")
+    args = ap.parse_args(argv)
+    from nebula.config import ConfigError, load_file
+    from nebula.config.job import JobConfig, SFTStage
+
+    try:
+        cfg = load_file(JobConfig, args.config)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    stages = [(i, s) for i, s in enumerate(cfg.stages) if isinstance(s, SFTStage)]
+    if not stages:
+        print("error: the job has no sft stage", file=sys.stderr)
+        return 2
+    if cfg.model.toy is not None:
+        from learner.toy_model import ensure_toy_model
+
+        ensure_toy_model(cfg.model)
+    from learner.worker import LearnerWorker
+
+    worker = LearnerWorker(cfg.model_dump(by_alias=True), f"{cfg.name}-sft", None, None)
+    for i, stage in stages:
+        print(json.dumps(worker.run_sft(i, stage.model_dump())))
+    worker.engine.export_hf(args.out)
+    print(json.dumps({"export": args.out}))
+    worker.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
