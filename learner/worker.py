@@ -36,9 +36,16 @@ def sft_lr(peak: float, step: int, total: int, warmup_frac: float = 0.05,
 class LearnerWorker:
     def __init__(self, job: dict[str, Any], job_id: str, redis_url: str | None,
                  weight_store: Any) -> None:
+        import os
+
         import redis
 
         from learner.ds_engine import DSLearnerEngine
+
+        # This actor is a single-process learner: rendezvous variables inherited from the
+        # process that started Ray (a test run, a shell) would point at a port already in use.
+        for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+            os.environ.pop(var, None)
         from learner.metrics import MetricsSink
 
         self.cfg = JobConfig.model_validate(job)

@@ -19,8 +19,12 @@ def shipped_configs() -> list[Path]:
 def config_model_for(path: Path) -> type:
     from nebula.config.job import JobConfig
 
+    from nebula.config.teacher import TeacherServiceConfig
+
     data = yaml.safe_load(path.read_text()) or {}
-    return JobConfig if "stages" in data else VerifierServiceConfig
+    if "stages" in data:
+        return JobConfig
+    return TeacherServiceConfig if "teachers" in data else VerifierServiceConfig
 
 
 @pytest.mark.parametrize("path", shipped_configs(), ids=lambda p: str(p.relative_to(ROOT)))

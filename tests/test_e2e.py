@@ -56,7 +56,11 @@ def test_toy_job_end_to_end_vllm(tmp_path: Path) -> None:
     assert grpo["rollout"][0]["groups"] == 4 * 4 and grpo["samples"] == 4 * 4 * 4
     assert [e["when"] for e in summary["evals"]] == ["before stage 1 (grpo)",
                                                      "after stage 1 (grpo)"]
-    assert summary["evals"][1]["version"] == summary["evals"][0]["version"] + 4
+    # One optimizer step per learner step with a non-uniform group (uniform groups carry no
+    # advantage and are skipped), and the eval after the stage ran on the final weights.
+    assert summary["evals"][0]["version"] <= summary["evals"][1]["version"] <= \
+        summary["evals"][0]["version"] + 4
+    assert summary["evals"][1]["version"] == grpo["final_version"]
     rows = read_metrics(cfg)
     sft = [r for r in rows if r["stage"] == "sft0"]
     assert len(sft) == 20 and sft[-1]["loss"] < sft[0]["loss"]

@@ -1,0 +1,227 @@
+"""Python client of the teacher service, the tokenizer compatibility check used at job
+registration, and `teacher_process` to run the service as a child process (tests, embedded use).
+
+Light: imports grpc and the generated stubs only (transformers only when `check_compatible` is
+given a tokenizer path)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from nebula.v1 import teacher_pb2 as pb
+from nebula.v1 import teacher_pb2_grpc as pb_grpc
+
+_MB = 1 << 20
+SequenceLike = pb.TokenSequence | tuple[Sequence[int], Sequence[int]] | dict[str, Sequence[int]]
+
+
+class TokenizerMismatchError(ValueError):
+    """The student's tokenizer is not the teacher's."""
+
+
+class UnknownTeacherError(LookupError):
+    """The service does not host the named teacher."""
+
+
+@dataclass
+class SequenceScores:
+    """Teacher scores of one sequence's completion tokens."""
+
+    logprobs: list[float]
+    top_ids: list[list[int]] = field(default_factory=list)  # per completion token, when top_k > 0
+    top_logprobs: list[list[float]] = field(default_factory=list)
+    cache_hit: bool = False
+
+
+@dataclass
+class TeacherScores:
+    """Answer of one TeacherLogprobs call: per-sequence scores plus the teacher's version."""
+
+    teacher: str
+    teacher_version: str
+    results: list[SequenceScores]
+
+    def __len__(self) -> int:
+        return len(self.results)
+
+    def __iter__(self) -> Iterator[SequenceScores]:
+        return iter(self.results)
+
+    def __getitem__(self, i: int) -> SequenceScores:
+        return self.results[i]
+
+
+def channel_options(max_message_mb: int = 64) -> list[tuple[str, int]]:
+    return [("grpc.max_send_message_length", max_message_mb * _MB),
+            ("grpc.max_receive_message_length", max_message_mb * _MB)]
+
+
+def sequence_to_pb(s: SequenceLike) -> pb.TokenSequence:
+    if isinstance(s, pb.TokenSequence):
+        return s
+    if isinstance(s, dict):
+        return pb.TokenSequence(prompt_ids=list(s["prompt_ids"]),
+                                completion_ids=list(s["completion_ids"]))
+    prompt, completion = s
+    return pb.TokenSequence(prompt_ids=list(prompt), completion_ids=list(completion))
+
+
+def scores_from_pb(r: pb.SequenceLogprobs) -> SequenceScores:
+    return SequenceScores(logprobs=list(r.logprobs),
+                          top_ids=[list(t.token_ids) for t in r.top],
+                          top_logprobs=[list(t.logprobs) for t in r.top],
+                          cache_hit=r.cache_hit)
+
+
+class TeacherClient:
+    """Blocking client; one channel, safe to share between threads."""
+
+    def __init__(self, address: str, timeout_s: float = 120.0, max_message_mb: int = 64) -> None:
+        self.address = address
+        self.timeout_s = timeout_s
+        self._channel = grpc.insecure_channel(address, options=channel_options(max_message_mb))
+        self._stub = pb_grpc.TeacherServiceStub(self._channel)
+
+    def wait_ready(self, timeout_s: float = 30.0) -> None:
+        grpc.channel_ready_future(self._channel).result(timeout=timeout_s)
+
+    def logprobs_pb(self, request: pb.TeacherLogprobsRequest) -> pb.TeacherLogprobsResponse:
+        return self._stub.TeacherLogprobs(request, timeout=self.timeout_s)
+
+    def logprobs(self, teacher: str, sequences: Sequence[SequenceLike], top_k: int = 0,
+                 tokenizer_fingerprint: str = "") -> TeacherScores:
+        """Teacher log-prob of every completion token of each (prompt_ids, completion_ids).
+        Raises grpc.RpcError: NOT_FOUND (unknown teacher), FAILED_PRECONDITION (tokenizer
+        fingerprint mismatch), INVALID_ARGUMENT (bad ids / lengths / top_k)."""
+        req = pb.TeacherLogprobsRequest(teacher=teacher,
+                                        sequences=[sequence_to_pb(s) for s in sequences],
+                                        top_k=top_k, tokenizer_fingerprint=tokenizer_fingerprint)
+        resp = self.logprobs_pb(req)
+        return TeacherScores(resp.teacher, resp.teacher_version,
+                             [scores_from_pb(r) for r in resp.results])
+
+    def list_teachers(self) -> list[dict[str, Any]]:
+        resp = self._stub.ListTeachers(pb.ListTeachersRequest(), timeout=self.timeout_s)
+        return [{"name": t.name, "version": t.version, "vocab_size": t.vocab_size,
+                 "tokenizer_fingerprint": t.tokenizer_fingerprint} for t in resp.teachers]
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> TeacherClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def check_compatible(client: TeacherClient, teacher: str, student_tokenizer: Any) -> dict[str, Any]:
+    """Check that `teacher` is hosted and shares the student's tokenizer; returns its info.
+
+    `student_tokenizer` is a transformers tokenizer or a checkpoint/tokenizer path. Raises
+    UnknownTeacherError or TokenizerMismatchError with a message fit for a job registration error.
+    """
+    from teacher.model import tokenizer_fingerprint
+
+    if isinstance(student_tokenizer, (str, Path)):
+        from transformers import AutoTokenizer
+
+        student_tokenizer = AutoTokenizer.from_pretrained(student_tokenizer)
+    teachers = {t["name"]: t for t in client.list_teachers()}
+    info = teachers.get(teacher)
+    if info is None:
+        hosted = ", ".join(sorted(teachers)) or "none"
+        raise UnknownTeacherError(f"teacher {teacher!r} is not hosted by the teacher service at "
+                                  f"{client.address}; hosted teachers: {hosted}")
+    fp = tokenizer_fingerprint(student_tokenizer)
+    if fp != info["tokenizer_fingerprint"]:
+        raise TokenizerMismatchError(
+            f"student and teacher tokenizers differ: teacher {teacher!r} (version "
+            f"{info['version']}, vocab size {info['vocab_size']}) has tokenizer fingerprint "
+            f"{info['tokenizer_fingerprint']}, the student's tokenizer ({len(student_tokenizer)} "
+            f"tokens) has {fp}. On-policy distillation scores the student's token ids with the "
+            f"teacher, so both must use the same vocabulary and special tokens.")
+    return info
+
+
+# -- child process -----------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(address: str, proc: subprocess.Popen, log_path: Path | None = None,
+                 timeout_s: float = 120.0) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    def tail() -> str:
+        if log_path is None or not log_path.exists():
+            return ""
+        return "\n" + "\n".join(log_path.read_text(errors="replace").splitlines()[-20:])
+
+    deadline = time.monotonic() + timeout_s
+    with grpc.insecure_channel(address) as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"teacher service exited with {proc.returncode}{tail()}")
+            try:
+                r = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=2)
+                if r.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                time.sleep(0.3)
+    raise TimeoutError(f"teacher service at {address} not healthy after {timeout_s}s{tail()}")
+
+
+def stop_process(proc: subprocess.Popen, timeout_s: float = 15) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@contextmanager
+def teacher_process(work_dir: Path, config: dict[str, Any], env: dict[str, str] | None = None,
+                    timeout_s: float = 120.0) -> Iterator[dict[str, Any]]:
+    """A `python -m teacher` child on loopback (stopped by its PID on exit); yields address,
+    metrics port, log path and the process. `config` is a TeacherServiceConfig as a dict."""
+    work_dir = Path(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    cfg = {"host": "127.0.0.1", "metrics_port": free_port(), **config}
+    if cfg.get("port") in (0, None):
+        cfg["port"] = free_port()
+    port = cfg["port"]
+    cfg_path = work_dir / f"teacher-{port}.json"
+    cfg_path.write_text(json.dumps(cfg))
+    log_path = work_dir / f"teacher-{port}.log"
+    with log_path.open("w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "teacher", "--config", str(cfg_path)],
+                                env={**os.environ, **(env or {})}, stdout=log,
+                                stderr=subprocess.STDOUT)
+    address = f"127.0.0.1:{port}"
+    try:
+        wait_healthy(address, proc, log_path, timeout_s)
+        yield {"address": address, "metrics_port": cfg.get("metrics_port"), "log": log_path,
+               "proc": proc}
+    finally:
+        stop_process(proc)
