@@ -89,6 +89,16 @@ class VerifierEngine:
             config.workers, init=init_worker, init_args=(config.model_dump_json(),)
         )
         self._restarts_seen = 0
+        self._kinds: dict[str, tuple[bool, str]] = {}  # name -> (is_async, version)
+
+    def _kind(self, name: str) -> tuple[bool, str]:
+        """Whether a verifier runs on the loop, and its version; looked up once per name."""
+        kind = self._kinds.get(name)
+        if kind is None:
+            entry = self.registry.entries[name]
+            version = "remote" if entry.remote else entry.load_class().version
+            kind = self._kinds[name] = (self.registry.is_async(name), version)
+        return kind
 
     async def start(self) -> None:
         await self.pool.start()
@@ -121,9 +131,8 @@ class VerifierEngine:
     async def _one(self, item: Item, t0: float, timeout: float) -> ItemResult:
         res = ItemResult(id=item.id, verifier=item.verifier, status=ERROR)
         try:
-            res.verifier_version = self.registry.entries[item.verifier].load_class().version \
-                if not self.registry.entries[item.verifier].remote else "remote"
-            outcome = await self._run(item, t0 + timeout)
+            is_async, res.verifier_version = self._kind(item.verifier)
+            outcome = await self._run(item, t0 + timeout, is_async)
             res.status = OK
             res.reward, res.passed = float(outcome.reward), bool(outcome.passed)
             res.reason, res.details = outcome.reason, outcome.details
@@ -146,7 +155,7 @@ class VerifierEngine:
         metrics.ITEM_LATENCY.labels(item.verifier).observe(res.elapsed_s)
         return res
 
-    async def _run(self, item: Item, deadline: float) -> Outcome:
+    async def _run(self, item: Item, deadline: float, is_async: bool) -> Outcome:
         if not isinstance(item.response, str):
             raise VerifierInputError("response must be a string")
         if len(item.response) > self.config.max_response_chars:
@@ -158,7 +167,7 @@ class VerifierEngine:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise DeadlineExceeded("deadline passed before the item started")
-        if self.registry.is_async(item.verifier):
+        if is_async:
             verifier = self.registry.get(item.verifier)
             assert isinstance(verifier, AsyncVerifier)
             inp = VerifyInput(item.response, item.reference or "", metadata)
