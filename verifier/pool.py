@@ -6,9 +6,9 @@ hold a worker, and the batch, forever. Here each worker is a process we started 
 to over its own pipe; when the task it is running passes its deadline we kill that worker
 by PID and start a replacement, and only that item fails.
 
-Each worker gets up to `depth` tasks at once (the next one waits in its pipe), so it never
-idles for a round trip between tasks; tasks queued behind a killed worker are dispatched
-again, not failed. Workers are spawned (not forked) because the gRPC server has threads.
+Each worker gets up to `depth` tasks at once (the next ones wait in its pipe), so it never
+idles for a round trip between tasks, and tasks handed over together share one pipe write;
+tasks queued behind a killed worker are dispatched again, not failed. Workers are spawned (not forked) because the gRPC server has threads.
 """
 
 from __future__ import annotations
@@ -54,11 +54,11 @@ def _worker_main(conn: Connection, init: Callable[..., None] | None, init_args: 
             return
         if msg is None:
             return
-        fn, args = msg
-        try:
-            conn.send(("ok", fn(*args)))
-        except BaseException as e:  # noqa: BLE001 - report everything, keep serving
-            conn.send(("err", (type(e).__name__, str(e), traceback.format_exc(limit=8))))
+        for fn, args in msg:  # a list of tasks; each result goes back on its own
+            try:
+                conn.send(("ok", fn(*args)))
+            except BaseException as e:  # noqa: BLE001 - report everything, keep serving
+                conn.send(("err", (type(e).__name__, str(e), traceback.format_exc(limit=8))))
 
 
 @dataclass(eq=False)
@@ -81,7 +81,7 @@ class _Worker:
 
 class ProcessWorkerPool:
     def __init__(self, size: int, init: Callable[..., None] | None = None,
-                 init_args: tuple = (), depth: int = 2, start_timeout_s: float = 120.0) -> None:
+                 init_args: tuple = (), depth: int = 4, start_timeout_s: float = 120.0) -> None:
         self.size = size
         self.depth = depth
         self._init = init
@@ -159,22 +159,29 @@ class ProcessWorkerPool:
             task.future.set_exception(error)
 
     def _dispatch(self) -> None:
+        """Hand pending tasks to workers with free slots, least loaded first; all tasks a
+        worker gets in one pass travel in one pipe message (one write, one wake-up)."""
         while self._pending:
             live = [w for w in self._ready if not w.dead and len(w.inflight) < self.depth]
             if not live:
                 return
-            task = self._pending.popleft()
-            if task.future.done():
-                continue
             w = min(live, key=lambda w: len(w.inflight))
+            batch: list[_Task] = []
+            while self._pending and len(w.inflight) + len(batch) < self.depth:
+                task = self._pending.popleft()
+                if not task.future.done():
+                    batch.append(task)
+            if not batch:
+                continue
             try:
-                w.conn.send((task.fn, task.args))
+                w.conn.send([(t.fn, t.args) for t in batch])
             except (OSError, ValueError):
-                self._pending.appendleft(task)
+                self._pending.extendleft(reversed(batch))
                 self._replace(w, WorkerCrashed("worker pipe closed"))
                 return
-            w.inflight.append(task)
-            if len(w.inflight) == 1:
+            was_idle = not w.inflight
+            w.inflight.extend(batch)
+            if was_idle:
                 self._arm_head(w)
 
     def _arm_head(self, w: _Worker) -> None:
