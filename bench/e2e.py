@@ -64,7 +64,7 @@ def run(cfg: JobConfig, raw: bool) -> dict[str, Any]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--sft-steps", type=int, default=150)
     args = ap.parse_args()
     os.chdir(ROOT)

@@ -63,19 +63,24 @@ class LearnerWorker:
                                    f"nebula:job:{job_id}:metrics")
         self.global_step = 0
         self._published = -1
+        self._published_steps = -1
+        self._published_ref: Any = None
         self.status: dict[str, Any] = {"stage": "", "step": 0, "total": 0}
 
     # -- weights ------------------------------------------------------------------------
 
-    def publish(self) -> int:
-        """Put the current weights in Ray's object store and announce their version."""
+    def publish(self, steps: int = -1) -> int:
+        """Put the current weights in Ray's object store and announce their version and the
+        number of learner steps of the current stage they include (-1 outside a stage)."""
         import ray
 
         version = self.engine.version
-        if version == self._published:
+        if version == self._published and steps == self._published_steps:
             return version
-        ref = ray.put(self.engine.state_dict_blob())
-        ray.get(self.store.publish.remote(version, [ref]))
+        ref = ray.put(self.engine.state_dict_blob()) if version != self._published \
+            else self._published_ref
+        ray.get(self.store.publish.remote(version, [ref], steps))
+        self._published_ref, self._published_steps = ref, steps
         if self.r is not None:
             self.r.set(f"nebula:job:{self.job_id}:policy_version", version)
         self._published = version
@@ -127,6 +132,7 @@ class LearnerWorker:
         pacer = StalenessPacer(self.redis_url, keys, self.cfg.async_.max_staleness, G)
         name = f"grpo{stage_index}"
         self.engine.set_lr(self.cfg.learner.lr)
+        self.publish(steps=pacer.steps_done())  # the stage's starting weights, step-stamped
         buffered: dict[int, Any] = {}
         staleness_hist: Counter[int] = Counter()
         tickets_trained: list[int] = []
@@ -161,7 +167,7 @@ class LearnerWorker:
             m["groups_trained"] = len(trained)
             step_s = time.monotonic() - t0
             if (step + 1) % self.cfg.learner.publish_every == 0 or step + 1 == st.steps:
-                self.publish()
+                self.publish(steps=step + 1)
             pacer.step_published(step + 1)
             stream.ack([d.entry_id for d in deliveries])
             rewards = [s.reward for g in groups for s in g.samples]

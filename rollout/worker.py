@@ -47,22 +47,35 @@ class RolloutWorker:
             r.index = i  # a stable id across several training files
         self.order = PromptOrder(self.rows, self.cfg.seed)
         self.verifier = VerifierClient(verifier_address, timeout_s=600)
+        self.loaded_steps = -1
+        # The first generate call of an engine is several times slower (allocations,
+        # kernel selection): pay it now, not inside the first training step.
+        self.engine.generate([self.rows[0].prompt_ids], 2, 1.0, 1.0, 2)
         self.stats = {"groups": 0, "samples": 0, "tokens": 0, "gen_s": 0.0, "verify_s": 0.0,
                       "weight_load_s": 0.0, "weight_loads": 0, "regenerated": 0,
                       "busy_s": 0.0, "pacing_wait_s": 0.0}
 
     # -- weights ------------------------------------------------------------------------
 
-    def sync_weights(self) -> int:
-        """Load the newest published weights if the engine's are older; returns the version."""
+    def sync_weights(self, min_steps: int | None = None) -> int:
+        """Load the newest published weights if the engine's are older; returns the version.
+
+        With min_steps, keep the loaded weights while they include at least min_steps
+        learner steps of the current stage: the staleness bound only needs that much, and
+        every load costs a pause of the engine.
+        """
         import ray
 
-        version, ref = ray.get(self.store.latest.remote())
+        if min_steps is not None and self.loaded_steps >= min_steps:
+            return self.engine.version
+        version, ref, steps = ray.get(self.store.latest.remote())
         if version > self.engine.version and ref:
             t0 = time.monotonic()
             self.engine.load_weights(ray.get(ref[0]), version)
             self.stats["weight_loads"] += 1
             self.stats["weight_load_s"] += time.monotonic() - t0
+        if version == self.engine.version:
+            self.loaded_steps = steps
         return self.engine.version
 
     # -- GRPO ---------------------------------------------------------------------------
@@ -71,6 +84,7 @@ class RolloutWorker:
         """Generate groups for tickets [0, total_steps * G) until they are all taken."""
         G = self.cfg.learner.groups_per_step
         self.keys = JobKeys(keys_id)
+        self.loaded_steps = -1  # step counts restart with each stage
         pacer = StalenessPacer(self.redis_url, self.keys, self.cfg.async_.max_staleness, G)
         total = total_steps * G
         inflight = self.keys.inflight(self.name)
@@ -102,7 +116,9 @@ class RolloutWorker:
         from verifier.engine import Item
 
         rc = self.cfg.rollout
-        version = self.sync_weights()
+        # Staleness bound: weights with >= step(t) - max_staleness steps are recent enough.
+        need = max(ticket_step(t, G) for t in tickets) - self.cfg.async_.max_staleness
+        version = self.sync_weights(min_steps=need)
         rows = [self.order[t] for t in tickets]
         t0 = time.monotonic()
         outs = self.engine.generate([r.prompt_ids for r in rows], rc.samples_per_prompt,
@@ -170,4 +186,5 @@ class RolloutWorker:
         return {"tokens": tokens, "seconds": time.monotonic() - t0}
 
     def pid(self) -> int:
+        """The actor's process id (also a readiness probe: answers once __init__ is done)."""
         return os.getpid()

@@ -126,6 +126,7 @@ class JobRunner:
                     ray.get(learner.publish.remote())
                 elif isinstance(stage, GRPOStage):
                     version = ray.get(learner.publish.remote())
+                    ray.get([w.pid.remote() for w in rollouts])  # engines up before timing
                     self._evaluate(rollouts, f"before stage {i} (grpo)", version)
                     keys_id = f"{self.job_id}-{i}"
                     self.log(f"stage {i}: grpo, {stage.steps} steps, max_staleness "
