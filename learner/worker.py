@@ -125,6 +125,7 @@ class LearnerWorker:
     def run_grpo(self, stage_index: int, stage: dict[str, Any], keys_id: str) -> dict[str, Any]:
         from nebula.transport.stream import RedisTrajectoryStream
 
+        t_stage0 = time.monotonic()
         st = GRPOStage.model_validate(stage)
         G = self.cfg.learner.groups_per_step
         keys = JobKeys(keys_id)
@@ -132,12 +133,15 @@ class LearnerWorker:
         pacer = StalenessPacer(self.redis_url, keys, self.cfg.async_.max_staleness, G)
         name = f"grpo{stage_index}"
         self.engine.set_lr(self.cfg.learner.lr)
+        t_pub = time.monotonic()
         self.publish(steps=pacer.steps_done())  # the stage's starting weights, step-stamped
+        setup = {"publish_s": time.monotonic() - t_pub, "setup_s": time.monotonic() - t_stage0}
         buffered: dict[int, Any] = {}
         staleness_hist: Counter[int] = Counter()
         tickets_trained: list[int] = []
         t_stage = time.monotonic()
         samples_total = 0
+        first_group_s: float | None = None
         for step in range(pacer.steps_done(), st.steps):
             self.status = {"stage": name, "step": step, "total": st.steps}
             want = set(range(step * G, (step + 1) * G))
@@ -150,6 +154,8 @@ class LearnerWorker:
                     buffered[d.group.ticket] = d
                 if self.r.exists(keys.stop):
                     return {"stage": name, "stopped_at": step}
+            if first_group_s is None:
+                first_group_s = time.monotonic() - t_stage
             deliveries = [buffered.pop(t) for t in sorted(want)]
             groups = [d.group for d in deliveries]
             tickets_trained += [g.ticket for g in groups]
@@ -168,6 +174,7 @@ class LearnerWorker:
             step_s = time.monotonic() - t0
             if (step + 1) % self.cfg.learner.publish_every == 0 or step + 1 == st.steps:
                 self.publish(steps=step + 1)
+            publish_s = time.monotonic() - t0 - step_s
             pacer.step_published(step + 1)
             stream.ack([d.entry_id for d in deliveries])
             rewards = [s.reward for g in groups for s in g.samples]
@@ -181,12 +188,14 @@ class LearnerWorker:
                 "pass_rate": sum(passed) / len(passed),
                 "staleness_max": max(stale), "staleness_mean": sum(stale) / len(stale),
                 "tokens": tokens, "tokens_per_s": tokens / max(step_s + wait_s, 1e-9),
-                "step_time_s": step_s, "wait_time_s": wait_s,
+                "step_time_s": step_s, "wait_time_s": wait_s, "publish_time_s": publish_s,
                 "samples_per_s": samples_total / (time.monotonic() - t_stage),
                 "policy_version": self.engine.version,
             })
             self.global_step += 1
+            t_log = time.monotonic()
             self.metrics.log(self.global_step, name, m)
+            m["log_time_s"] = time.monotonic() - t_log
             self.status = {"stage": name, "step": step + 1, "total": st.steps, **m}
             ck = self.cfg.checkpoint
             if ck and ck.interval and (step + 1) % ck.interval == 0:
@@ -196,7 +205,7 @@ class LearnerWorker:
         return {"stage": name, "steps": st.steps, "final_version": self.engine.version,
                 "staleness_hist": {str(k): v for k, v in sorted(staleness_hist.items())},
                 "samples": samples_total, "wall_s": time.monotonic() - t_stage,
-                "tickets_trained": tickets_trained}
+                "tickets_trained": tickets_trained, "first_batch_s": first_group_s, **setup}
 
     # -- checkpoints --------------------------------------------------------------------
 
