@@ -6,11 +6,6 @@ given a tokenizer path)."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -19,6 +14,7 @@ from typing import Any
 
 import grpc
 
+from nebula.service_process import free_port, service_process
 from nebula.v1 import teacher_pb2 as pb
 from nebula.v1 import teacher_pb2_grpc as pb_grpc
 
@@ -158,70 +154,11 @@ def check_compatible(client: TeacherClient, teacher: str, student_tokenizer: Any
 # -- child process -----------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_healthy(address: str, proc: subprocess.Popen, log_path: Path | None = None,
-                 timeout_s: float = 120.0) -> None:
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    def tail() -> str:
-        if log_path is None or not log_path.exists():
-            return ""
-        return "\n" + "\n".join(log_path.read_text(errors="replace").splitlines()[-20:])
-
-    deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(address) as ch:
-        stub = health_pb2_grpc.HealthStub(ch)
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"teacher service exited with {proc.returncode}{tail()}")
-            try:
-                r = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=2)
-                if r.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                time.sleep(0.3)
-    raise TimeoutError(f"teacher service at {address} not healthy after {timeout_s}s{tail()}")
-
-
-def stop_process(proc: subprocess.Popen, timeout_s: float = 15) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 @contextmanager
 def teacher_process(work_dir: Path, config: dict[str, Any], env: dict[str, str] | None = None,
                     timeout_s: float = 120.0) -> Iterator[dict[str, Any]]:
     """A `python -m teacher` child on loopback (stopped by its PID on exit); yields address,
     metrics port, log path and the process. `config` is a TeacherServiceConfig as a dict."""
-    work_dir = Path(work_dir)
-    work_dir.mkdir(parents=True, exist_ok=True)
-    cfg = {"host": "127.0.0.1", "metrics_port": free_port(), **config}
-    if cfg.get("port") in (0, None):
-        cfg["port"] = free_port()
-    port = cfg["port"]
-    cfg_path = work_dir / f"teacher-{port}.json"
-    cfg_path.write_text(json.dumps(cfg))
-    log_path = work_dir / f"teacher-{port}.log"
-    with log_path.open("w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "teacher", "--config", str(cfg_path)],
-                                env={**os.environ, **(env or {})}, stdout=log,
-                                stderr=subprocess.STDOUT)
-    address = f"127.0.0.1:{port}"
-    try:
-        wait_healthy(address, proc, log_path, timeout_s)
-        yield {"address": address, "metrics_port": cfg.get("metrics_port"), "log": log_path,
-               "proc": proc}
-    finally:
-        stop_process(proc)
+    cfg = {"metrics_port": free_port(), **config}
+    with service_process("teacher", work_dir, cfg, env, timeout_s) as srv:
+        yield srv

@@ -1,0 +1,85 @@
+"""Run a Nebula gRPC service (`python -m verifier`, `python -m teacher`) as a child process:
+the embedded default, tests and benchmarks. Children are stopped by their PID."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _tail(log_path: Path | None, lines: int = 20) -> str:
+    if log_path is None or not log_path.exists():
+        return ""
+    return "\n" + "\n".join(log_path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def wait_healthy(address: str, proc: subprocess.Popen, name: str = "service",
+                 log_path: Path | None = None, timeout_s: float = 120.0) -> None:
+    """Poll the standard gRPC health service until it says SERVING (or the child dies)."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    deadline = time.monotonic() + timeout_s
+    with grpc.insecure_channel(address) as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{name} exited with {proc.returncode}{_tail(log_path)}")
+            try:
+                r = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=2)
+                if r.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                time.sleep(0.3)
+    raise TimeoutError(f"{name} at {address} not healthy after {timeout_s}s{_tail(log_path)}")
+
+
+def stop_process(proc: subprocess.Popen, timeout_s: float = 15) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@contextmanager
+def service_process(module: str, work_dir: Path, config: dict[str, Any],
+                    env: dict[str, str] | None = None, timeout_s: float = 120.0
+                    ) -> Iterator[dict[str, Any]]:
+    """`python -m MODULE --config FILE` on loopback; yields address, metrics port, log path
+    and the process. A port of 0/None in `config` is replaced by a free one."""
+    work_dir = Path(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    cfg = {"host": "127.0.0.1", **config}
+    if cfg.get("port") in (0, None):
+        cfg["port"] = free_port()
+    port = cfg["port"]
+    cfg_path = work_dir / f"{module}-{port}.json"
+    cfg_path.write_text(json.dumps(cfg))
+    log_path = work_dir / f"{module}-{port}.log"
+    with log_path.open("w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", module, "--config", str(cfg_path)],
+                                env={**os.environ, **(env or {})}, stdout=log,
+                                stderr=subprocess.STDOUT)
+    address = f"127.0.0.1:{port}"
+    try:
+        wait_healthy(address, proc, f"{module} service", log_path, timeout_s)
+        yield {"address": address, "metrics_port": cfg.get("metrics_port"), "log": log_path,
+               "proc": proc}
+    finally:
+        stop_process(proc)
