@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram, start_http_server
+from prometheus_client import Counter, Histogram
 
 REQUESTS = Counter("nebula_teacher_requests_total", "TeacherLogprobs calls", ["teacher", "code"])
 SEQUENCES = Counter("nebula_teacher_sequences_total", "Sequences scored", ["teacher", "source"])
@@ -28,6 +28,3 @@ REQUEST_LATENCY = Histogram(
     buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
 )
 
-
-def serve_metrics(port: int, host: str = "0.0.0.0") -> None:
-    start_http_server(port, addr=host)

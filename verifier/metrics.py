@@ -1,8 +1,8 @@
-"""Prometheus metrics of the verifier service (served over HTTP on metrics_port)."""
+"""Prometheus metrics of the verifier service (served on metrics_port by nebula.grpc_host)."""
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram, start_http_server
+from prometheus_client import Counter, Histogram
 
 REQUESTS = Counter("nebula_verifier_requests_total", "VerifyBatch calls", ["code"])
 ITEMS = Counter("nebula_verifier_items_total", "Items verified", ["verifier", "status"])
@@ -23,6 +23,3 @@ SANDBOX_VIOLATIONS = Counter(
 )
 WORKER_RESTARTS = Counter("nebula_verifier_worker_restarts_total", "Pool workers killed and replaced")
 
-
-def serve_metrics(port: int, host: str = "0.0.0.0") -> None:
-    start_http_server(port, addr=host)

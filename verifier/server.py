@@ -9,10 +9,9 @@ import signal
 import time
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from nebula.config import VerifierServiceConfig
+from nebula.grpc_host import GrpcHost
 from nebula.v1 import verifier_pb2 as pb
 from nebula.v1 import verifier_pb2_grpc as pb_grpc
 from verifier import metrics
@@ -53,37 +52,25 @@ class VerifierServer:
     def __init__(self, config: VerifierServiceConfig) -> None:
         self.config = config
         self.engine = VerifierEngine(config)
-        self.port: int | None = None
-        mb = config.max_message_mb << 20
-        self._server = grpc.aio.server(options=[("grpc.max_receive_message_length", mb),
-                                                ("grpc.max_send_message_length", mb)])
-        self._health = health.aio.HealthServicer()
+        self.host = GrpcHost(config.host, config.port, config.max_message_mb, SERVICE_NAME,
+                             config.metrics_port)
+
+    @property
+    def port(self) -> int | None:
+        return self.host.port
 
     async def start(self) -> int:
         await self.engine.start()
-        pb_grpc.add_VerifierServiceServicer_to_server(VerifierServicer(self.engine), self._server)
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server
-        )
-        self.port = self._server.add_insecure_port(f"{self.config.host}:{self.config.port}")
-        if self.port == 0:
-            raise RuntimeError(f"could not bind {self.config.host}:{self.config.port}")
-        await self._server.start()
-        serving = health_pb2.HealthCheckResponse.SERVING
-        await self._health.set(SERVICE_NAME, serving)
-        await self._health.set("", serving)
-        if self.config.metrics_port is not None:
-            metrics.serve_metrics(self.config.metrics_port, self.config.host)
-        return self.port
+        servicer = VerifierServicer(self.engine)
+        return await self.host.start(
+            lambda srv: pb_grpc.add_VerifierServiceServicer_to_server(servicer, srv))
 
     async def stop(self, grace_s: float = 5.0) -> None:
-        await self._health.enter_graceful_shutdown()
-        await self._server.stop(grace_s)
+        await self.host.stop(grace_s)
         await self.engine.close()
 
     async def wait(self) -> None:
-        await self._server.wait_for_termination()
+        await self.host.wait()
 
 
 async def serve(config: VerifierServiceConfig) -> None:
