@@ -16,14 +16,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", required=True, help="job config (YAML/JSON)")
     ap.add_argument("--out", required=True, help="directory for the exported checkpoint")
     args = ap.parse_args(argv)
-    from nebula.config import ConfigError, load_file
     from nebula.config.job import JobConfig, SFTStage
+    from nebula.config.load import load_file_or_exit
 
-    try:
-        cfg = load_file(JobConfig, args.config)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg = load_file_or_exit(JobConfig, args.config)
     stages = [(i, s) for i, s in enumerate(cfg.stages) if isinstance(s, SFTStage)]
     if not stages:
         print("error: the job has no sft stage", file=sys.stderr)

@@ -19,14 +19,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompts", type=int, default=4, help="training prompts to sample")
     ap.add_argument("--n", type=int, default=None, help="samples per prompt (default: job's)")
     args = ap.parse_args(argv)
-    from nebula.config import ConfigError, load_file
     from nebula.config.job import JobConfig
+    from nebula.config.load import load_file_or_exit
 
-    try:
-        cfg = load_file(JobConfig, args.config)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg = load_file_or_exit(JobConfig, args.config)
     if cfg.model.toy is not None:
         from learner.toy_model import ensure_toy_model
 

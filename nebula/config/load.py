@@ -60,3 +60,14 @@ def load_file(model: type[M], path: str | Path) -> M:
         raise ConfigError(f"config file not found: {p}")
     fmt = "json" if p.suffix == ".json" else None
     return load_model(model, parse_text(p.read_text(), fmt), source=str(p))
+
+
+def load_file_or_exit(model: type[M], path: str | Path) -> M:
+    """For entry points: the config, or the error (naming each field) on stderr and exit 2."""
+    import sys
+
+    try:
+        return load_file(model, path)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
