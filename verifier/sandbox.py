@@ -15,20 +15,15 @@ Layers of isolation of `Sandbox.run` (what each one stops):
 `run_unsandboxed` keeps only the rlimits (for `sandbox.allow_unsandboxed` and as the
 baseline when measuring the sandbox's overhead).
 
-Violations are classified from how the process ended (wall clock, SIGXCPU, SIGXFSZ) and from
-the exceptions it reported: structured `"exc"` objects on JSON lines of its stdout (what
-`sandbox_harness.py` writes) or, failing that, the last line of Python tracebacks on stderr.
+Why a run stopped (the limit it hit) is worked out in `sandbox_limits.py`; killing and
+reaping the processes of a run is in `sandbox_procs.py`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
-import errno as errno_mod
-import json
 import os
-import re
 import resource
 import shutil
 import signal as signal_mod
@@ -36,137 +31,25 @@ import subprocess
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
 
 from nebula.config import SandboxConfig
+from verifier.sandbox_limits import (  # noqa: F401 - SandboxResult, classify_exception re-exported
+    SandboxResult,
+    classify,
+    classify_exception,
+)
+from verifier.sandbox_procs import (
+    become_subreaper,
+    feed,
+    kill_group,
+    read_capped,
+    read_child_pid,
+    reap,
+    reap_sync,
+)
 
 SANDBOX_DIR = "/tmp/sandbox"
 _SANDBOX_PATH = "/usr/bin:/bin"
-_READ_CHUNK = 1 << 16
-
-WALL_TIMEOUT = "wall_timeout"
-CPU_LIMIT = "cpu_limit"
-FILE_SIZE_LIMIT = "file_size_limit"
-MEMORY_LIMIT = "memory_limit"
-TIME_LIMIT = "time_limit"  # a test (or loading the solution) ran past per_test_timeout_s
-PROCESS_LIMIT = "process_limit"
-NETWORK_BLOCKED = "network_blocked"
-WRITE_BLOCKED = "write_blocked"
-
-_NETWORK_ERRNOS = {
-    errno_mod.ENETUNREACH, errno_mod.EHOSTUNREACH, errno_mod.ECONNREFUSED,
-    errno_mod.EADDRNOTAVAIL, errno_mod.ENETDOWN, errno_mod.EAFNOSUPPORT,
-}  # fmt: skip
-_NETWORK_TYPES = {
-    "ConnectionRefusedError", "ConnectionResetError", "ConnectionAbortedError",
-    "gaierror", "herror", "socket.gaierror", "socket.herror",
-}  # fmt: skip
-_WRITE_ERRNOS = {errno_mod.EROFS, errno_mod.EACCES, errno_mod.EPERM}
-_SPACE_ERRNOS = {errno_mod.EFBIG, errno_mod.ENOSPC, errno_mod.EDQUOT}
-# Last line of a traceback: "ExcType: message" or a bare "ExcType".
-_EXC_LINE = re.compile(
-    r"^(?P<type>[A-Za-z_][\w.]*(?:Error|Exception|gaierror|herror))(?::\s?(?P<msg>.*))?$"
-)
-_ERRNO_IN_MSG = re.compile(r"\[Errno (-?\d+)\]")
-
-
-@dataclass
-class SandboxResult:
-    """How one run ended. `signal` is set when the process was killed by one (for sandboxed
-    runs decoded from bubblewrap's 128+N exit status); `exit_code` is None then."""
-
-    exit_code: int | None
-    signal: int | None
-    stdout: bytes
-    stderr: bytes
-    timed_out: bool
-    elapsed_s: float
-    violation: str | None = None
-    violation_detail: str = ""
-
-
-def classify_exception(exc_type: str, errno: int | None, message: str = "") -> str | None:
-    """Map an exception the untrusted code hit to the limit that caused it, or None."""
-    short = exc_type.rsplit(".", 1)[-1]
-    if short == "MemoryError":
-        return MEMORY_LIMIT
-    if short == "TimeoutError" and message == "per-test time limit":  # the harness's alarm
-        return TIME_LIMIT
-    if errno is None:
-        m = _ERRNO_IN_MSG.search(message or "")
-        errno = int(m.group(1)) if m else None
-    if short == "BlockingIOError" and errno in (None, errno_mod.EAGAIN):
-        return PROCESS_LIMIT
-    if short == "RuntimeError" and "can't start new thread" in (message or ""):
-        return PROCESS_LIMIT
-    if exc_type in _NETWORK_TYPES or short in _NETWORK_TYPES:
-        return NETWORK_BLOCKED
-    if errno in _NETWORK_ERRNOS:
-        return NETWORK_BLOCKED
-    if errno in _SPACE_ERRNOS:
-        return FILE_SIZE_LIMIT
-    if errno in _WRITE_ERRNOS or short == "PermissionError":
-        return WRITE_BLOCKED
-    return None
-
-
-def _violation_from_report(stdout: bytes) -> tuple[str, str] | None:
-    """Structured exceptions on JSON lines of stdout: {"exc": {"type", "errno", "message"}}."""
-    for raw in stdout.splitlines():
-        raw = raw.strip()
-        if not raw.startswith(b"{"):
-            continue
-        try:
-            obj = json.loads(raw)
-        except ValueError:
-            continue
-        exc = obj.get("exc") if isinstance(obj, dict) else None
-        if not isinstance(exc, dict):
-            continue
-        etype, eno, msg = exc.get("type"), exc.get("errno"), exc.get("message") or ""
-        if not isinstance(etype, str):
-            continue
-        kind = classify_exception(etype, eno if isinstance(eno, int) else None, str(msg))
-        if kind:
-            return kind, f"{etype}: {msg}"[:300]
-    return None
-
-
-def _violation_from_stderr(stderr: bytes) -> tuple[str, str] | None:
-    for line in stderr.decode("utf-8", "replace").splitlines():
-        m = _EXC_LINE.match(line.strip())
-        if not m:
-            continue
-        kind = classify_exception(m.group("type"), None, m.group("msg") or "")
-        if kind:
-            return kind, line.strip()[:300]
-    return None
-
-
-def _signal_name(sig: int) -> str:
-    try:
-        return signal_mod.Signals(sig).name
-    except ValueError:
-        return f"signal {sig}"
-
-
-def classify(result: SandboxResult, cfg: SandboxConfig) -> tuple[str | None, str]:
-    if result.timed_out:
-        return WALL_TIMEOUT, f"killed after the wall-clock limit ({result.elapsed_s:.2f}s)"
-    if result.signal == signal_mod.SIGXCPU:
-        return CPU_LIMIT, f"CPU time limit of {cfg.cpu_s}s exceeded (SIGXCPU)"
-    if result.signal == signal_mod.SIGKILL:
-        # We did not send it (not timed out): the RLIMIT_CPU hard limit (soft limit + 1s, when
-        # SIGXCPU was ignored) or the kernel's OOM killer.
-        return CPU_LIMIT, "killed by SIGKILL (CPU hard limit or out of memory)"
-    if result.signal == signal_mod.SIGXFSZ:
-        return FILE_SIZE_LIMIT, f"file size limit of {cfg.file_size_mb} MiB exceeded (SIGXFSZ)"
-    found = _violation_from_report(result.stdout) or _violation_from_stderr(result.stderr)
-    if found:
-        return found
-    if result.signal is not None:
-        return None, f"killed by {_signal_name(result.signal)}"
-    return None, ""
 
 
 def _count_uid_tasks(uid: int) -> int:
@@ -295,7 +178,7 @@ class Sandbox:
             return f"sandbox interpreter {self.cfg.python!r} not found"
         uid = self._uid(0)
         work = self._make_work_dir(uid)
-        _become_subreaper()
+        become_subreaper()
         r, w = os.pipe()
         try:
             argv = self._bwrap_argv(bwrap, work, [self.cfg.python, "-c", "pass"], info_fd=w)
@@ -308,7 +191,7 @@ class Sandbox:
                 return f"bubblewrap could not be started: {e}"
             finally:
                 os.close(w)
-                _reap_sync(_read_child_pid(r))
+                reap_sync(read_child_pid(r))
             if p.returncode != 0:
                 err = p.stderr.decode("utf-8", "replace").strip()[-300:]
                 who = f" as uid {uid}" if uid is not None else ""
@@ -431,7 +314,7 @@ class Sandbox:
         that process, so it is orphaned: we are its subreaper and reap it ourselves (left to
         the host's init it would linger as a zombie counting against the uid's RLIMIT_NPROC,
         and a container whose pid 1 never reaps would exhaust it)."""
-        have_reaper = _become_subreaper()
+        have_reaper = become_subreaper()
         r, w = os.pipe()
         info = {"fd": r, "pid": None, "reapable": have_reaper}
         try:
@@ -441,9 +324,9 @@ class Sandbox:
                                          wall_timeout_s, uid, info, pass_fds=(w,))
             finally:
                 if info["pid"] is None:
-                    info["pid"] = _read_child_pid(r)
+                    info["pid"] = read_child_pid(r)
                 if have_reaper and info["pid"] is not None:
-                    await _reap(info["pid"])
+                    await reap(info["pid"])
         finally:
             if not info.get("w_closed"):
                 os.close(w)
@@ -479,15 +362,15 @@ class Sandbox:
             if info is not None and info["reapable"]:
                 # The sandbox's init, first: its death tears down the whole pid namespace.
                 if info["pid"] is None:
-                    info["pid"] = _read_child_pid(info["fd"])
+                    info["pid"] = read_child_pid(info["fd"])
                 if info["pid"] is not None:
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(info["pid"], signal_mod.SIGKILL)
-            _kill_group(proc)
+            kill_group(proc)
 
-        out_task = asyncio.ensure_future(_read_capped(proc.stdout, cap))
-        err_task = asyncio.ensure_future(_read_capped(proc.stderr, cap))
-        in_task = asyncio.ensure_future(_feed(proc.stdin, stdin))
+        out_task = asyncio.ensure_future(read_capped(proc.stdout, cap))
+        err_task = asyncio.ensure_future(read_capped(proc.stderr, cap))
+        in_task = asyncio.ensure_future(feed(proc.stdin, stdin))
         timed_out = False
         try:
             try:
@@ -506,7 +389,7 @@ class Sandbox:
         if not sandboxed:
             # Children left in the group: without a pid namespace nothing else ends them. (A
             # group id is not reused while a member lives; with none left this is a no-op.)
-            _kill_group(proc)
+            kill_group(proc)
         elapsed = time.monotonic() - start
         in_task.cancel()
         # The pipes close when the last holder dies; a survivor holding them (possible only
@@ -528,105 +411,3 @@ class Sandbox:
         if timed_out:
             exit_code, sig = None, signal_mod.SIGKILL
         return SandboxResult(exit_code, sig, stdout, stderr, timed_out, elapsed)
-
-
-def _kill_group(proc: asyncio.subprocess.Process) -> None:
-    """SIGKILL the process group we created with start_new_session: its leader is the pid we
-    started, so this kills that process too. Never kills by name. (Not `proc.kill()`: Popen
-    polls first and could reap the process under asyncio's child watcher.)"""
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal_mod.SIGKILL)
-
-
-async def _read_capped(stream: asyncio.StreamReader | None, cap: int) -> bytes:
-    """Read to EOF, keeping the first `cap` bytes (the rest is drained so the writer never
-    blocks on a full pipe)."""
-    if stream is None:
-        return b""
-    buf = bytearray()
-    while True:
-        chunk = await stream.read(_READ_CHUNK)
-        if not chunk:
-            return bytes(buf)
-        if len(buf) < cap:
-            buf += chunk[: cap - len(buf)]
-
-
-async def _feed(stream: asyncio.StreamWriter | None, data: bytes) -> None:
-    if stream is None:
-        return
-    try:
-        if data:
-            stream.write(data)
-            await stream.drain()
-    except (BrokenPipeError, ConnectionResetError):
-        pass
-    finally:
-        with contextlib.suppress(Exception):
-            stream.close()
-
-
-_subreaper: bool | None = None
-
-
-def _become_subreaper() -> bool:
-    """Make this process the reaper of its orphaned descendants (PR_SET_CHILD_SUBREAPER), so
-    the sandbox's pid-namespace init can be reaped here. Process-wide and idempotent."""
-    global _subreaper
-    if _subreaper is None:
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            _subreaper = libc.prctl(36, 1, 0, 0, 0) == 0  # PR_SET_CHILD_SUBREAPER
-        except (OSError, AttributeError):
-            _subreaper = False
-    return _subreaper
-
-
-def _read_child_pid(fd: int) -> int | None:
-    """The "child-pid" bubblewrap wrote on --info-fd (read without blocking)."""
-    data = b""
-    try:
-        os.set_blocking(fd, False)
-        while True:
-            chunk = os.read(fd, 4096)
-            if not chunk:
-                break
-            data += chunk
-    except (BlockingIOError, OSError):
-        pass
-    try:
-        pid = json.loads(data).get("child-pid")
-    except (ValueError, AttributeError):
-        return None
-    return pid if isinstance(pid, int) and pid > 1 else None
-
-
-def _try_reap(pid: int) -> bool:
-    """True once `pid` is reaped or is not ours to reap."""
-    try:
-        done, _ = os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        return True  # not (or no longer) our child: someone else reaps it
-    return done == pid
-
-
-def _reap_sync(pid: int | None, timeout_s: float = 2.0) -> None:
-    if pid is None or not _subreaper:
-        return
-    deadline = time.monotonic() + timeout_s
-    while not _try_reap(pid) and time.monotonic() < deadline:
-        time.sleep(0.005)
-
-
-async def _reap(pid: int, timeout_s: float = 5.0) -> None:
-    """Reap the orphaned sandbox init once it has exited (it dies with the sandbox)."""
-    if _try_reap(pid):
-        return
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    delay = 0.002
-    while loop.time() < deadline:
-        await asyncio.sleep(delay)
-        if _try_reap(pid):
-            return
-        delay = min(delay * 2, 0.05)
