@@ -21,11 +21,11 @@ import logging
 import math
 import os
 import shutil
-import socket
-import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+from learner.dist_env import choose_device, setup_distributed_env
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -36,61 +36,12 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TORCH_EXTENSIONS_DIR = str(Path(__file__).resolve().parent.parent / ".cache"
-                                   / "torch_extensions")
 _VERSION_KEY = "nebula_version"
 _CLIENT_KEY = "nebula_client_state"
 # Files of a checkpoint dir that are weights (not copied by export_hf).
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".h5", ".ckpt")
 _OWN_FILES = {"config.json", "generation_config.json", "model.safetensors.index.json",
               "pytorch_model.bin.index.json"}
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def choose_device(device: str) -> str:
-    """"cpu" or "cuda" for a LearnerConfig.device of auto/cpu/cuda."""
-    import torch
-
-    if device == "cpu":
-        return "cpu"
-    if device == "cuda":
-        if not torch.cuda.is_available():
-            raise RuntimeError("learner.device is cuda but no CUDA device is available")
-        return "cuda"
-    if os.environ.get("DS_ACCELERATOR") == "cpu":
-        return "cpu"
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def setup_distributed_env(device_type: str) -> str:
-    """Environment for DeepSpeed on `device_type`; returns the dist backend (gloo / nccl).
-
-    Sets DS_ACCELERATOR, TORCH_EXTENSIONS_DIR (a cached path: DeepSpeed compiles its shm op
-    there on first use) and, when not launched by a launcher, the single-process rendezvous
-    variables (RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT with a free port).
-    """
-    os.environ["DS_ACCELERATOR"] = "cuda" if device_type == "cuda" else "cpu"
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", DEFAULT_TORCH_EXTENSIONS_DIR)
-    # torch builds ops with the first `ninja` on PATH. Ninja versions disagree on the format
-    # of their build log and rebuild everything when they meet another's, so processes that
-    # share TORCH_EXTENSIONS_DIR must use the same one: prefer the interpreter's own.
-    bindir = os.path.dirname(sys.executable)
-    venv_ninja = os.path.join(bindir, "ninja")
-    if os.access(venv_ninja, os.X_OK) and shutil.which("ninja") != venv_ninja:
-        os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
-    Path(os.environ["TORCH_EXTENSIONS_DIR"]).mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
-    os.environ.setdefault("LOCAL_RANK", "0")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    if "MASTER_PORT" not in os.environ:
-        os.environ["MASTER_PORT"] = str(_free_port())
-    return "nccl" if device_type == "cuda" else "gloo"
 
 
 def _torch_dtype(dtype: str) -> Any:
@@ -525,13 +476,3 @@ def _merge(base: dict, extra: dict) -> dict:
     for k, v in extra.items():
         out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
-
-
-def prebuild_ops() -> None:
-    """Compile DeepSpeed's CPU shared-memory comm op into TORCH_EXTENSIONS_DIR now (set-up
-    time), so the first job does not spend minutes on it."""
-    setup_distributed_env("cpu")
-    import deepspeed  # noqa: F401
-    from deepspeed.comm.torch import build_shm_op
-
-    build_shm_op()

@@ -37,5 +37,5 @@ fi
 # them present transformers fails to import (operator torchvision::nms does not exist).
 "$VENV/bin/pip" uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 # DeepSpeed compiles its CPU comm op on first use (minutes); do it now, into .cache/.
-"$VENV/bin/python" -c "from learner.ds_engine import prebuild_ops; prebuild_ops()" >/dev/null
+"$VENV/bin/python" -c "from learner.dist_env import prebuild_ops; prebuild_ops()" >/dev/null
 "$VENV/bin/python" -c "import nebula, verifier, transformers, grpc; print('setup: ok')"
