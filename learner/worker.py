@@ -60,7 +60,7 @@ class LearnerWorker:
 
         self.tokenizer = AutoTokenizer.from_pretrained(self.cfg.model.path)
         self.metrics = MetricsSink(Path(self.cfg.output_dir), redis_url,
-                                   f"nebula:job:{job_id}:metrics")
+                                   JobKeys(job_id).metrics)
         self.global_step = 0
         self._published = -1
         self._published_steps = -1
@@ -82,7 +82,7 @@ class LearnerWorker:
         ray.get(self.store.publish.remote(version, [ref], steps))
         self._published_ref, self._published_steps = ref, steps
         if self.r is not None:
-            self.r.set(f"nebula:job:{self.job_id}:policy_version", version)
+            self.r.set(JobKeys(self.job_id).version, version)
         self._published = version
         return version
 

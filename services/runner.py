@@ -135,7 +135,9 @@ class JobRunner:
                     res = _wait(learner.run_grpo.remote(i, stage.model_dump(), keys_id), poll)
                     import redis
 
-                    redis.Redis.from_url(stack["redis_url"]).set(f"nebula:job:{keys_id}:stop", 1)
+                    from nebula.transport.pacing import JobKeys
+
+                    redis.Redis.from_url(stack["redis_url"]).set(JobKeys(keys_id).stop, 1)
                     res["rollout"] = ray.get(runs)
                     if self.on_grpo_end:
                         self.on_grpo_end(i, res, rollouts)

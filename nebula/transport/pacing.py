@@ -39,6 +39,7 @@ class JobKeys:
         self.tickets = f"{base}:tickets"  # next ticket to hand out
         self.steps_published = f"{base}:steps_published"  # learner steps whose weights are out
         self.version = f"{base}:policy_version"
+        self.metrics = f"{base}:metrics"  # per-step metrics rows (for the API, dashboards)
         self.stop = f"{base}:stop"
 
     def inflight(self, worker: str) -> str:
