@@ -13,6 +13,8 @@ app = typer.Typer(help="Nebula RL: post-training jobs (SFT, GRPO, OPD, MOPD) as 
                   no_args_is_help=True, pretty_exceptions_enable=False)
 verifier_app = typer.Typer(help="The verifier service.", no_args_is_help=True)
 app.add_typer(verifier_app, name="verifier")
+teacher_app = typer.Typer(help="The teacher-logprob service (OPD/MOPD).", no_args_is_help=True)
+app.add_typer(teacher_app, name="teacher")
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -47,6 +49,23 @@ def verifier_list(address: Annotated[str, typer.Option(help="HOST:PORT")] = "127
     with VerifierClient(address) as client:
         for v in client.list_verifiers():
             typer.echo(json.dumps(v))
+
+
+@teacher_app.command("serve")
+def teacher_serve(
+    config: Annotated[Path, typer.Option(help="TeacherServiceConfig YAML/JSON (the hosted teachers)")],
+    port: Annotated[Optional[int], typer.Option(help="gRPC port (0 picks a free one)")] = None,
+    host: Annotated[Optional[str], typer.Option(help="bind address")] = None,
+    metrics_port: Annotated[Optional[int], typer.Option(help="Prometheus port")] = None,
+) -> None:
+    """Run the teacher-logprob gRPC service until interrupted."""
+    from teacher.__main__ import main as teacher_main
+
+    argv = ["--config", str(config)]
+    for flag, value in (("--port", port), ("--host", host), ("--metrics-port", metrics_port)):
+        if value is not None:
+            argv += [flag, str(value)]
+    raise typer.Exit(teacher_main(argv))
 
 
 @app.command()
