@@ -15,7 +15,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from nebula.config.job import DatasetConfig, GRPOStage, JobConfig, SFTStage
+from nebula.config.job import DatasetConfig, GRPOStage, JobConfig, MOPDStage, OPDStage, SFTStage
 from nebula.transport.pacing import JobKeys, StalenessPacer
 
 log = logging.getLogger("nebula.learner")
@@ -88,7 +88,8 @@ class LearnerWorker:
 
     # -- SFT ----------------------------------------------------------------------------
 
-    def run_sft(self, stage_index: int, stage: dict[str, Any]) -> dict[str, Any]:
+    def run_sft(self, stage_index: int, stage: dict[str, Any], start_step: int = 0
+                ) -> dict[str, Any]:
         from learner.batch import collate_sft
         from rollout.prompts import load_prompt_rows
 
@@ -103,12 +104,15 @@ class LearnerWorker:
         self.status = {"stage": name, "step": 0, "total": st.steps}
         order: list[int] = []
         last: dict[str, Any] = {}
+        ck = self.cfg.checkpoint
         for step in range(st.steps):
             if len(order) < st.batch_size:
                 perm = list(range(len(pairs)))
                 rng.shuffle(perm)
                 order += perm
             idx, order = order[:st.batch_size], order[st.batch_size:]
+            if step < start_step:  # resumed: replay the data order up to the checkpoint
+                continue
             self.engine.set_lr(sft_lr(st.lr, step, st.steps))
             t0 = time.monotonic()
             m = self.engine.sft_step(collate_sft([pairs[i] for i in idx],
@@ -118,20 +122,31 @@ class LearnerWorker:
             self.metrics.log(self.global_step, name, m)
             self.status = {"stage": name, "step": step + 1, "total": st.steps, **m}
             last = m
-        return {"stage": name, "steps": st.steps, "final_loss": last.get("loss")}
+            if ck and ck.interval and (step + 1) % ck.interval == 0 and step + 1 < st.steps:
+                self.checkpoint(f"{name}-step{step + 1}", stage_index, step + 1, False)
+        path = self.checkpoint(f"{name}-end", stage_index, st.steps, True)
+        return {"stage": name, "steps": st.steps, "final_loss": last.get("loss"),
+                "checkpoint": path}
 
     # -- GRPO ---------------------------------------------------------------------------
 
-    def run_grpo(self, stage_index: int, stage: dict[str, Any], keys_id: str) -> dict[str, Any]:
+    def run_rl(self, stage_index: int, stage: dict[str, Any], keys_id: str) -> dict[str, Any]:
+        """A grpo, opd or mopd stage: they differ only in how rollout computes advantages
+        (group-normalised outcome vs per-token teacher log-ratio); training is the same
+        clipped, importance-corrected surrogate. Starts at the step the job's pacer holds
+        (0, or the checkpoint's step on resume)."""
+        from pydantic import TypeAdapter
+
+        from learner.losses.opd import reverse_kl
         from nebula.transport.stream import RedisTrajectoryStream
 
         t_stage0 = time.monotonic()
-        st = GRPOStage.model_validate(stage)
+        st = TypeAdapter(GRPOStage | OPDStage | MOPDStage).validate_python(stage)
         G = self.cfg.learner.groups_per_step
         keys = JobKeys(keys_id)
         stream = RedisTrajectoryStream(self.redis_url, keys.stream)
         pacer = StalenessPacer(self.redis_url, keys, self.cfg.async_.max_staleness, G)
-        name = f"grpo{stage_index}"
+        name = f"{st.type}{stage_index}"
         self.engine.set_lr(self.cfg.learner.lr)
         t_pub = time.monotonic()
         self.publish(steps=pacer.steps_done())  # the stage's starting weights, step-stamped
@@ -183,6 +198,12 @@ class LearnerWorker:
             staleness_hist.update(stale)
             tokens = sum(len(s.completion_ids) for g in groups for s in g.samples)
             samples_total += len(rewards)
+            if not isinstance(st, GRPOStage):  # distillation: how far from the teachers
+                scored = [s for g in groups for s in g.samples if len(s.teacher_logprobs)]
+                m["reverse_kl"] = sum(reverse_kl(s.behaviour_logprobs, s.teacher_logprobs)
+                                      for s in scored) / max(len(scored), 1)
+                teachers = Counter(f"{s.teacher}@{s.teacher_version}" for s in scored)
+                m["teachers"] = dict(teachers)
             m.update({
                 "reward_mean": sum(rewards) / len(rewards),
                 "pass_rate": sum(passed) / len(passed),
@@ -198,23 +219,29 @@ class LearnerWorker:
             m["log_time_s"] = time.monotonic() - t_log
             self.status = {"stage": name, "step": step + 1, "total": st.steps, **m}
             ck = self.cfg.checkpoint
-            if ck and ck.interval and (step + 1) % ck.interval == 0:
-                self.checkpoint(f"{name}-step{step + 1}", {"stage_index": stage_index,
-                                                            "grpo_step": step + 1,
-                                                            "stream_last_id": deliveries[-1].entry_id})
+            if ck and ck.interval and (step + 1) % ck.interval == 0 and step + 1 < st.steps:
+                self.checkpoint(f"{name}-step{step + 1}", stage_index, step + 1, False,
+                                {"stream_last_id": deliveries[-1].entry_id})
+        path = self.checkpoint(f"{name}-end", stage_index, st.steps, True)
         return {"stage": name, "steps": st.steps, "final_version": self.engine.version,
+                "checkpoint": path,
                 "staleness_hist": {str(k): v for k, v in sorted(staleness_hist.items())},
                 "samples": samples_total, "wall_s": time.monotonic() - t_stage,
                 "tickets_trained": tickets_trained, "first_batch_s": first_group_s, **setup}
 
     # -- checkpoints --------------------------------------------------------------------
 
-    def checkpoint(self, tag: str, client_state: dict[str, Any]) -> str:
+    def checkpoint(self, tag: str, stage_index: int, stage_step: int, stage_done: bool,
+                   extra: dict[str, Any] | None = None) -> str:
+        """Model, optimizer, policy version and where the job is (stage, step in it) under
+        checkpoint.dir/<tag>; `restore` reads it back."""
         ck = self.cfg.checkpoint
         assert ck is not None
         path = Path(ck.dir) / tag
-        self.engine.save_checkpoint(str(path), {**client_state, "global_step": self.global_step,
-                                                "version": self.engine.version})
+        self.engine.save_checkpoint(str(path), {
+            **(extra or {}), "stage_index": stage_index, "stage_step": stage_step,
+            "stage_done": stage_done, "global_step": self.global_step,
+            "version": self.engine.version, "tag": tag})
         kept = sorted((p for p in Path(ck.dir).iterdir() if p.is_dir() and p.name != "export"),
                       key=lambda p: p.stat().st_mtime)
         for old in kept[:-ck.keep]:
@@ -222,6 +249,12 @@ class LearnerWorker:
 
             shutil.rmtree(old, ignore_errors=True)
         return str(path)
+
+    def restore(self, path: str) -> dict[str, Any]:
+        """Load a `checkpoint` dir (model, optimizer, version); returns where the job was."""
+        state = self.engine.load_checkpoint(path)
+        self.global_step = int(state.get("global_step", 0))
+        return state
 
     def export(self, subdir: str = "export") -> str:
         ck = self.cfg.checkpoint

@@ -3,25 +3,28 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 
+from learner.losses.grpo import group_advantages
+from learner.losses.opd import opd_token_advantages
 from nebula.v1 import verifier_pb2
 from nebula.v1.trajectory_pb2 import TrajectoryGroup
+from rollout.distill import TeacherScore
 from rollout.prompts import PromptRow
 
-
-def group_advantages(rewards: list[float], eps: float = 1e-6) -> list[float]:
-    """GRPO: (r - mean) / (std + eps) within the group; all zero when rewards are equal."""
-    n = len(rewards)
-    mean = sum(rewards) / n
-    std = (sum((r - mean) ** 2 for r in rewards) / n) ** 0.5
-    if std < eps:
-        return [0.0] * n
-    return [(r - mean) / (std + eps) for r in rewards]
+__all__ = ["build_group", "group_advantages"]
 
 
 def build_group(*, job_id: str, stage: str, row: PromptRow, samples: list, verdicts: list,
-                version: int, ticket: int, step: int, worker: str) -> TrajectoryGroup:
-    """samples: engine SampleOut list; verdicts: verifier ItemResult list (same order)."""
+                version: int, ticket: int, step: int, worker: str,
+                teacher: Sequence[TeacherScore] | None = None, alpha: float = 0.0
+                ) -> TrajectoryGroup:
+    """samples: engine SampleOut list; verdicts: verifier ItemResult list (same order).
+
+    With `teacher` scores (OPD/MOPD), every sample gets per-token advantages
+    log pi_teacher - log pi_behaviour + alpha * outcome advantage, and records which teacher
+    and teacher version scored it.
+    """
     rewards = [v.reward if v.status == "ok" else 0.0 for v in verdicts]
     advantages = group_advantages(rewards)
     g = TrajectoryGroup(
@@ -30,13 +33,18 @@ def build_group(*, job_id: str, stage: str, row: PromptRow, samples: list, verdi
         reference=row.reference, min_policy_version=version, max_policy_version=version,
         rollout_worker=worker, created_unix=time.time(), ticket=ticket, step=step,
     )
-    for s, v, r, a in zip(samples, verdicts, rewards, advantages):
+    for i, (s, v, r, a) in enumerate(zip(samples, verdicts, rewards, advantages)):
         n = len(s.completion_ids)
         sample = g.samples.add(
             completion_ids=s.completion_ids, behaviour_logprobs=s.logprobs,
             policy_versions=[version] * n, loss_mask=[1] * n, reward=r, advantage=a,
             completion_text=s.text, finish_reason=s.finish_reason,
         )
+        if teacher is not None:
+            t = teacher[i]
+            sample.teacher_logprobs.extend(t.logprobs)
+            sample.token_advantages.extend(opd_token_advantages(s.logprobs, t.logprobs, a, alpha))
+            sample.teacher, sample.teacher_version = t.teacher, t.teacher_version
         sample.verify.CopyFrom(verifier_pb2.VerifyResult(
             id=v.id, verifier=v.verifier, reward=v.reward, passed=v.passed, reason=v.reason,
             verifier_version=v.verifier_version, elapsed_s=v.elapsed_s,

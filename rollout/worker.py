@@ -2,7 +2,8 @@
 
 Loop: reserve tickets under the staleness bound -> load the newest weights -> generate n
 samples per prompt with behaviour log-probs -> score them on the verifier service ->
-group-normalised advantages -> write each group to the job's Redis Stream. Reserved tickets
+(opd/mopd: teacher log-probs of every sampled token from the teacher service) ->
+advantages -> write each group to the job's Redis Stream. Reserved tickets
 are recorded in Redis before generation and removed atomically with the group's XADD, so
 a worker that crashes and is restarted by Ray generates its unfinished groups again and
 never loses or duplicates a finished one.
@@ -12,10 +13,11 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from typing import Any
 
-from nebula.config.job import JobConfig
+from nebula.config.job import GRPOStage, JobConfig, MOPDStage, OPDStage
 from nebula.transport.pacing import JobKeys, StalenessPacer, ticket_step
 
 log = logging.getLogger("nebula.rollout")
@@ -23,7 +25,8 @@ log = logging.getLogger("nebula.rollout")
 
 class RolloutWorker:
     def __init__(self, job: dict[str, Any], job_id: str, index: int, redis_url: str,
-                 verifier_address: str, weight_store: Any) -> None:
+                 verifier_address: str, weight_store: Any,
+                 teacher_address: str | None = None) -> None:
         import redis
 
         from rollout.factory import make_engine
@@ -47,7 +50,13 @@ class RolloutWorker:
             r.index = i  # a stable id across several training files
         self.order = PromptOrder(self.rows, self.cfg.seed)
         self.verifier = VerifierClient(verifier_address, timeout_s=600)
+        self.teacher_address = teacher_address
+        self.scorer: Any = None  # a TeacherScorer during opd/mopd stages
+        self.alpha = 0.0
         self.loaded_steps = -1
+        # Held from weight sync to the end of generation, so an evaluation running beside the
+        # training loop (max_concurrency 2) cannot swap weights under a batch being tagged.
+        self._engine_lock = threading.Lock()
         # The first generate call of an engine is several times slower (allocations,
         # kernel selection): pay it now, not inside the first training step.
         self.engine.generate([self.rows[0].prompt_ids], 2, 1.0, 1.0, 2)
@@ -80,8 +89,14 @@ class RolloutWorker:
 
     # -- GRPO ---------------------------------------------------------------------------
 
-    def run(self, stage: str, keys_id: str, total_steps: int) -> dict[str, Any]:
-        """Generate groups for tickets [0, total_steps * G) until they are all taken."""
+    def run(self, stage: str, keys_id: str, stage_cfg: dict[str, Any]) -> dict[str, Any]:
+        """Generate groups of an RL stage (grpo, opd, mopd) for tickets [0, steps * G) until
+        they are all taken."""
+        from pydantic import TypeAdapter
+
+        st = TypeAdapter(GRPOStage | OPDStage | MOPDStage).validate_python(stage_cfg)
+        total_steps = st.steps
+        self._start_scorer(st)
         G = self.cfg.learner.groups_per_step
         self.keys = JobKeys(keys_id)
         self.loaded_steps = -1  # step counts restart with each stage
@@ -109,7 +124,25 @@ class RolloutWorker:
             self.stats["busy_s"] += time.monotonic() - t1
             if len(mine) < len(tickets):  # past the stage's last ticket: nothing left
                 break
+        if self.scorer is not None:
+            self.scorer.close()
+            self.scorer = None
         return dict(self.stats)
+
+    def _start_scorer(self, st: GRPOStage | OPDStage | MOPDStage) -> None:
+        if self.scorer is not None:
+            self.scorer.close()
+            self.scorer = None
+        if isinstance(st, GRPOStage):
+            return
+        from rollout.distill import TeacherScorer, check_routing
+
+        if not self.teacher_address:
+            raise ValueError(f"stage {st.type} needs a teacher service (cluster.teacher_address "
+                             "or `teachers` for the embedded one)")
+        check_routing(st, [r.domain for r in self.rows])
+        self.scorer = TeacherScorer(self.teacher_address, st, self.tokenizer)
+        self.alpha = st.alpha
 
     def _generate(self, stage: str, tickets: list[int], G: int) -> None:
         from rollout.groups import build_group
@@ -118,23 +151,31 @@ class RolloutWorker:
         rc = self.cfg.rollout
         # Staleness bound: weights with >= step(t) - max_staleness steps are recent enough.
         need = max(ticket_step(t, G) for t in tickets) - self.cfg.async_.max_staleness
-        version = self.sync_weights(min_steps=need)
         rows = [self.order[t] for t in tickets]
-        t0 = time.monotonic()
-        outs = self.engine.generate([r.prompt_ids for r in rows], rc.samples_per_prompt,
-                                    rc.temperature, rc.top_p, rc.max_tokens)
+        with self._engine_lock:
+            version = self.sync_weights(min_steps=need)
+            t0 = time.monotonic()
+            outs = self.engine.generate([r.prompt_ids for r in rows], rc.samples_per_prompt,
+                                        rc.temperature, rc.top_p, rc.max_tokens)
         t1 = time.monotonic()
         items = [Item(r.verifier, s.text, r.reference, r.metadata, id=f"{t}:{j}")
                  for t, r, group in zip(tickets, rows, outs) for j, s in enumerate(group)]
         verdicts = self.verifier.verify(items)
+        t2 = time.monotonic()
+        scores = None
+        if self.scorer is not None:
+            scores = self.scorer.score([r.prompt_ids for r in rows], [r.domain for r in rows],
+                                       [[s.completion_ids for s in group] for group in outs])
+            self.stats["teacher_s"] = self.stats.get("teacher_s", 0.0) + time.monotonic() - t2
         self.stats["gen_s"] += t1 - t0
-        self.stats["verify_s"] += time.monotonic() - t1
+        self.stats["verify_s"] += t2 - t1
         pipe = self.r.pipeline(transaction=True)
         k = 0
-        for t, r, group in zip(tickets, rows, outs):
+        for gi, (t, r, group) in enumerate(zip(tickets, rows, outs)):
             g = build_group(job_id=self.job_id, stage=stage, row=r, samples=group,
                             verdicts=verdicts[k:k + len(group)], version=version, ticket=t,
-                            step=ticket_step(t, G), worker=self.name)
+                            step=ticket_step(t, G), worker=self.name,
+                            teacher=scores[gi] if scores is not None else None, alpha=self.alpha)
             k += len(group)
             pipe.xadd(self.keys.stream, {b"g": g.SerializeToString()})
             pipe.hdel(self.keys.inflight(self.name), t)
@@ -152,12 +193,13 @@ class RolloutWorker:
         from rollout.prompts import load_prompt_rows
         from verifier.engine import Item
 
-        version = self.sync_weights()
         rows = load_prompt_rows(DatasetConfig.model_validate(dataset), self.tokenizer)
         rows = rows[:max_prompts]
         n = 1 if temperature == 0 else samples
-        outs = self.engine.generate([r.prompt_ids for r in rows], n, temperature, 1.0,
-                                    self.cfg.rollout.max_tokens)
+        with self._engine_lock:
+            version = self.sync_weights()
+            outs = self.engine.generate([r.prompt_ids for r in rows], n, temperature, 1.0,
+                                        self.cfg.rollout.max_tokens)
         items = [Item(r.verifier, s.text, r.reference, r.metadata)
                  for r, group in zip(rows, outs) for s in group]
         verdicts = self.verifier.verify(items)

@@ -1,5 +1,6 @@
 """The embedded default: what `nebula run` starts when no cluster is configured — a local
-Ray, a Redis it owns, and the verifier service — and stops at the end."""
+Ray, a Redis it owns, the verifier service and (for opd/mopd stages) a teacher service
+hosting the job's `teachers` — and stops at the end."""
 
 from __future__ import annotations
 
@@ -9,12 +10,13 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-from nebula.config.job import JobConfig
+from nebula.config.job import JobConfig, stage_teachers
 
 
 @contextlib.contextmanager
 def embedded_stack(cfg: JobConfig, work_dir: Path) -> Iterator[dict[str, Any]]:
-    """Yields {"redis_url", "verifier_address"} with Ray initialised; cleans up on exit."""
+    """Yields {"redis_url", "verifier_address", "teacher_address"} with Ray initialised
+    (teacher_address is None when no stage needs a teacher); cleans up on exit."""
     import ray
 
     from nebula.transport.redis_server import EmbeddedRedis
@@ -31,6 +33,14 @@ def embedded_stack(cfg: JobConfig, work_dir: Path) -> Iterator[dict[str, Any]]:
             vcfg.update(port=0, metrics_port=None, host="127.0.0.1")
             srv = stack.enter_context(verifier_process(work_dir / "verifier", vcfg))
             verifier_address = srv["address"]
+        teacher_address = cl.teacher_address
+        if teacher_address is None and any(stage_teachers(st) for st in cfg.stages):
+            from teacher.client import teacher_process
+
+            tcfg = {"port": 0, "metrics_port": None, "host": "127.0.0.1",
+                    "teachers": [t.model_dump() for t in cfg.teachers]}
+            srv = stack.enter_context(teacher_process(work_dir / "teacher", tcfg))
+            teacher_address = srv["address"]
         if not ray.is_initialized():
             if cl.ray_address:
                 ray.init(address=cl.ray_address, log_to_driver=True)
@@ -43,7 +53,8 @@ def embedded_stack(cfg: JobConfig, work_dir: Path) -> Iterator[dict[str, Any]]:
                          include_dashboard=False, _temp_dir=tmp, log_to_driver=True,
                          configure_logging=True, logging_level="WARNING")
             stack.callback(ray.shutdown)
-        yield {"redis_url": redis_url, "verifier_address": verifier_address}
+        yield {"redis_url": redis_url, "verifier_address": verifier_address,
+               "teacher_address": teacher_address}
 
 
 def _cpus_needed(cfg: JobConfig) -> int:

@@ -2,8 +2,10 @@
 
 Actors: one LearnerWorker (DeepSpeed), `rollout.workers` RolloutWorkers (vLLM engines,
 restarted by Ray on a crash), and a WeightStore. Rollout engines start while the learner
-runs the SFT stages. A GRPO stage runs rollout and learner concurrently, paced by the
-staleness bound; accuracy on the eval set is measured before and after it.
+runs the SFT stages. An RL stage (grpo, opd, mopd) runs rollout and learner concurrently,
+paced by the staleness bound; accuracy on the eval set is measured before and after it
+(and every `eval.interval` learner steps). The learner checkpoints at every stage end; a job
+with `resume_from` restores that checkpoint and goes on from the stage and step it holds.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from nebula.config.job import GRPOStage, JobConfig, SFTStage
+from nebula.config.job import JobConfig, SFTStage, stage_teachers
 
 ProgressFn = Callable[[dict[str, Any]], None]
 
@@ -40,7 +42,7 @@ class JobRunner:
         self.log = log
         self.out = Path(cfg.output_dir)
         self.summary: dict[str, Any] = {"job_id": self.job_id, "stages": [], "evals": []}
-        # Called after each GRPO stage with (stage index, result, rollout actors); benchmarks
+        # Called after each RL stage with (stage index, result, rollout actors); benchmarks
         # use it to measure the bare engines in the same run.
         self.on_grpo_end: Callable[[int, dict[str, Any], list[Any]], None] | None = None
 
@@ -54,13 +56,55 @@ class JobRunner:
             t0 = time.monotonic()
             ensure_toy_model(self.cfg.model)
             self.log(f"model ready at {self.cfg.model.path} ({time.monotonic() - t0:.1f}s)")
+        self.preflight()
         t_job = time.monotonic()
         with embedded_stack(self.cfg, self.out / "services") as stack:
             self.summary["redis_url"] = stack["redis_url"]
+            self._check_teachers(stack.get("teacher_address"))
             self._run_stages(stack)
         self.summary["wall_s"] = time.monotonic() - t_job
         (self.out / "summary.json").write_text(json.dumps(self.summary, indent=2, default=str))
         return self.summary
+
+    # -- checks before anything starts -------------------------------------------------------
+
+    def preflight(self) -> None:
+        """Errors a job can be refused for before any service starts: a prompt domain that an
+        mopd stage does not route (per-row domains are only known once the rows are read)."""
+        from nebula.config.job import MOPDStage
+
+        mopd = [(i, st) for i, st in enumerate(self.cfg.stages) if isinstance(st, MOPDStage)]
+        if not mopd:
+            return
+        from transformers import AutoTokenizer
+
+        from rollout.distill import check_routing
+        from rollout.prompts import load_prompt_rows
+
+        tok = AutoTokenizer.from_pretrained(self.cfg.model.path)
+        domains = [r.domain for d in self.cfg.datasets.train for r in load_prompt_rows(d, tok)]
+        for i, st in mopd:
+            try:
+                check_routing(st, domains)
+            except ValueError as e:
+                raise ValueError(f"stages.{i}.routing: {e}") from None
+
+    def _check_teachers(self, address: str | None) -> None:
+        """Every teacher the stages name is hosted and shares the student's tokenizer."""
+        names = sorted({n for st in self.cfg.stages for n in stage_teachers(st)})
+        if not names:
+            return
+        from teacher.client import TeacherClient, check_compatible
+
+        assert address is not None
+        with TeacherClient(address) as client:
+            client.wait_ready()
+            for n in names:
+                info = check_compatible(client, n, self.cfg.model.path)
+                self.summary.setdefault("teachers", {})[n] = info["version"]
+                self.log(f"teacher {n} (version {info['version']}) at {address}")
+
+    # -- actors ------------------------------------------------------------------------------
 
     def _actors(self, stack: dict[str, Any]) -> tuple[Any, Any, list[Any]]:
         import ray
@@ -78,76 +122,158 @@ class JobRunner:
         rollouts = [ray.remote(RolloutWorker).options(
             num_cpus=rc.num_cpus, num_gpus=rc.num_gpus, max_concurrency=2,
             max_restarts=3, max_task_retries=3, name=f"{self.job_id}-rollout-{i}",
-        ).remote(job, self.job_id, i, stack["redis_url"], stack["verifier_address"], store)
+        ).remote(job, self.job_id, i, stack["redis_url"], stack["verifier_address"], store,
+                 stack.get("teacher_address"))
             for i in range(rc.workers)]
         return store, learner, rollouts
 
-    def _poll(self, learner: Any) -> Callable[[], None]:
+    def _poll(self, learner: Any, extra: Callable[[dict[str, Any]], None] | None = None
+              ) -> Callable[[], None]:
         import ray
 
         def poll() -> None:
+            try:
+                status = ray.get(learner.get_status.remote(), timeout=5)
+            except Exception:  # noqa: BLE001 - progress is best effort
+                return
             if self.progress:
-                try:
-                    self.progress(ray.get(learner.get_status.remote(), timeout=5))
-                except Exception:  # noqa: BLE001 - progress is best effort
-                    pass
+                self.progress(status)
+            if extra:
+                extra(status)
         return poll
 
-    def _evaluate(self, rollouts: list[Any], when: str, version: int) -> None:
-        import ray
+    # -- evaluation --------------------------------------------------------------------------
 
+    def _eval_refs(self, rollouts: list[Any]) -> list[Any] | None:
         ev = self.cfg.datasets.eval
         if ev is None:
-            return
-        d = ev.model_dump()
-        m = self.cfg.eval.max_prompts
-        greedy, sampled = ray.get([
-            rollouts[0].evaluate.remote(d, 0.0, m),
-            rollouts[-1].evaluate.remote(d, self.cfg.eval.sampled_temperature, m, 4)])
-        row = {"when": when, "version": version, "greedy": greedy["accuracy"],
+            return None
+        d, m = ev.model_dump(), self.cfg.eval.max_prompts
+        return [rollouts[0].evaluate.remote(d, 0.0, m),
+                rollouts[-1].evaluate.remote(d, self.cfg.eval.sampled_temperature, m, 4)]
+
+    def _eval_record(self, results: list[dict[str, Any]], when: str, **extra: Any) -> None:
+        greedy, sampled = results
+        row = {"when": when, "version": greedy["version"], "greedy": greedy["accuracy"],
                "sampled": sampled["accuracy"], "greedy_by_domain": greedy["by_domain"],
-               "sampled_by_domain": sampled["by_domain"]}
+               "sampled_by_domain": sampled["by_domain"], **extra}
         self.summary["evals"].append(row)
+        by = ""
+        if len(greedy["by_domain"]) > 1:
+            by = "; by domain " + ", ".join(
+                f"{d}: {g:.1%}/{sampled['by_domain'].get(d, 0):.1%}"
+                for d, g in sorted(greedy["by_domain"].items()))
         self.log(f"eval {when} (policy v{greedy['version']}): greedy accuracy "
                  f"{greedy['accuracy']:.1%}, sampled (T={self.cfg.eval.sampled_temperature}) "
-                 f"{sampled['accuracy']:.1%} on {greedy['prompts']} held-out prompts")
+                 f"{sampled['accuracy']:.1%} on {greedy['prompts']} held-out prompts{by}")
+
+    def _evaluate(self, rollouts: list[Any], when: str) -> None:
+        import ray
+
+        refs = self._eval_refs(rollouts)
+        if refs is not None:
+            t0 = time.monotonic()
+            self._eval_record(ray.get(refs), when, eval_s=time.monotonic() - t0)
+
+    # -- stages ------------------------------------------------------------------------------
+
+    def _resume_point(self, learner: Any) -> tuple[int, int]:
+        """(first stage to run, learner steps of it already done) after restoring
+        `resume_from`; (0, 0) for a fresh job."""
+        import ray
+
+        if not self.cfg.resume_from:
+            return 0, 0
+        state = ray.get(learner.restore.remote(self.cfg.resume_from))
+        stage, step = int(state.get("stage_index", 0)), int(state.get("stage_step", 0))
+        if state.get("stage_done"):
+            stage, step = stage + 1, 0
+        self.summary["resumed_from"] = {"path": self.cfg.resume_from, "stage": stage,
+                                        "step": step, "version": state.get("version")}
+        self.log(f"resumed from {self.cfg.resume_from}: stage {stage}, step {step}, "
+                 f"policy v{state.get('version')}")
+        return stage, step
+
+    def _run_rl(self, i: int, stage: Any, start: int, stack: dict[str, Any], learner: Any,
+                rollouts: list[Any]) -> dict[str, Any]:
+        import ray
+        import redis
+
+        from nebula.transport.pacing import JobKeys
+
+        ray.get(learner.publish.remote())
+        ray.get([w.pid.remote() for w in rollouts])  # engines up before timing
+        self._evaluate(rollouts, f"before stage {i} ({stage.type})")
+        keys_id = f"{self.job_id}-{i}" + (f"-from{start}" if start else "")
+        keys = JobKeys(keys_id)
+        r = redis.Redis.from_url(stack["redis_url"])
+        if start:  # resumed mid-stage: tickets and pacing go on from the checkpoint's step
+            G = self.cfg.learner.groups_per_step
+            r.set(keys.tickets, start * G)
+            r.set(keys.steps_published, start)
+        self.log(f"stage {i}: {stage.type}, {stage.steps} steps"
+                 + (f" from step {start}" if start else "")
+                 + f", max_staleness {self.cfg.async_.max_staleness}")
+        t_stage = time.monotonic()
+        every = self.cfg.eval.interval
+        pending: list[tuple[int, float, list[Any]]] = []
+        next_eval = [start + every] if every else [stage.steps + 1]
+
+        def periodic(status: dict[str, Any]) -> None:
+            step = int(status.get("step") or 0)
+            if status.get("stage") == f"{stage.type}{i}" and step >= next_eval[0] \
+                    and step < stage.steps:
+                refs = self._eval_refs(rollouts)
+                if refs is not None:
+                    pending.append((step, time.monotonic(), refs))
+                next_eval[0] = step + every
+            for p in list(pending):
+                if all(ray.wait([ref], timeout=0)[0] for ref in p[2]):
+                    pending.remove(p)
+                    self._eval_record(ray.get(p[2]), f"during stage {i} ({stage.type}) at "
+                                      f"step {p[0]}", step=p[0],
+                                      stage_elapsed_s=p[1] - t_stage,
+                                      eval_s=time.monotonic() - p[1])
+
+        runs = [w.run.remote(f"{stage.type}{i}", keys_id, stage.model_dump()) for w in rollouts]
+        res = _wait(learner.run_rl.remote(i, stage.model_dump(), keys_id),
+                    self._poll(learner, periodic))
+        r.set(keys.stop, 1)
+        res["rollout"] = ray.get(runs)
+        for step, t0, refs in pending:
+            self._eval_record(ray.get(refs), f"during stage {i} ({stage.type}) at step {step}",
+                              step=step, stage_elapsed_s=t0 - t_stage,
+                              eval_s=time.monotonic() - t0)
+        if self.on_grpo_end:
+            self.on_grpo_end(i, res, rollouts)
+        self._evaluate(rollouts, f"after stage {i} ({stage.type})")
+        self.summary["evals"][-1]["stage_elapsed_s"] = time.monotonic() - t_stage
+        return res
 
     def _run_stages(self, stack: dict[str, Any]) -> None:
         import ray
 
         _, learner, rollouts = self._actors(stack)
-        poll = self._poll(learner)
         try:
+            first, start = self._resume_point(learner)
             for i, stage in enumerate(self.cfg.stages):
+                if i < first:
+                    continue
+                s0 = start if i == first else 0
                 t0 = time.monotonic()
                 if isinstance(stage, SFTStage):
-                    self.log(f"stage {i}: sft, {stage.steps} steps")
-                    res = _wait(learner.run_sft.remote(i, stage.model_dump()), poll)
+                    self.log(f"stage {i}: sft, {stage.steps} steps"
+                             + (f" from step {s0}" if s0 else ""))
+                    res = _wait(learner.run_sft.remote(i, stage.model_dump(), s0),
+                                self._poll(learner))
                     ray.get(learner.publish.remote())
-                elif isinstance(stage, GRPOStage):
-                    version = ray.get(learner.publish.remote())
-                    ray.get([w.pid.remote() for w in rollouts])  # engines up before timing
-                    self._evaluate(rollouts, f"before stage {i} (grpo)", version)
-                    keys_id = f"{self.job_id}-{i}"
-                    self.log(f"stage {i}: grpo, {stage.steps} steps, max_staleness "
-                             f"{self.cfg.async_.max_staleness}")
-                    runs = [w.run.remote(f"grpo{i}", keys_id, stage.steps) for w in rollouts]
-                    res = _wait(learner.run_grpo.remote(i, stage.model_dump(), keys_id), poll)
-                    import redis
-
-                    from nebula.transport.pacing import JobKeys
-
-                    redis.Redis.from_url(stack["redis_url"]).set(JobKeys(keys_id).stop, 1)
-                    res["rollout"] = ray.get(runs)
-                    if self.on_grpo_end:
-                        self.on_grpo_end(i, res, rollouts)
-                    self._evaluate(rollouts, f"after stage {i} (grpo)", res["final_version"])
-                else:  # pragma: no cover - the config admits only the stages above
-                    raise ValueError(f"unsupported stage {stage}")
-                # The stage's own figures (e.g. the learner's GRPO loop time, "wall_s") stay;
+                else:
+                    res = self._run_rl(i, stage, s0, stack, learner, rollouts)
+                # The stage's own figures (e.g. the learner's RL loop time, "wall_s") stay;
                 # this one also counts engine start-up, publishing and evaluation.
                 res["stage_wall_s"] = time.monotonic() - t0
                 self.summary["stages"].append(res)
+                self.summary.setdefault("checkpoints", []).append(res.get("checkpoint"))
             export = ray.get(learner.export.remote())
             self.summary["export"] = export
             self.log(f"exported Hugging Face checkpoint to {export}")

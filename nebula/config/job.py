@@ -7,6 +7,7 @@ from typing import Annotated, Literal, Union
 
 from pydantic import Field, model_validator
 
+from nebula.config.teacher import TeacherModelConfig
 from nebula.config.verifier import Strict, VerifierServiceConfig
 
 
@@ -65,7 +66,38 @@ class GRPOStage(Strict):
     steps: int = Field(50, gt=0, description="Learner optimizer steps (policy versions).")
 
 
-Stage = Annotated[Union[SFTStage, GRPOStage], Field(discriminator="type")]
+class OPDStage(Strict):
+    """On-policy distillation: student samples scored token by token by one teacher."""
+
+    type: Literal["opd"] = "opd"
+    steps: int = Field(50, gt=0, description="Learner optimizer steps (policy versions).")
+    teacher: str = Field(..., description="Name of the teacher (hosted by the teacher service).")
+    alpha: float = Field(0.0, ge=0, description="Weight of the verifier's group-normalised "
+                         "outcome advantage added to the per-token reverse-KL advantage "
+                         "log pi_teacher - log pi_student (0: pure distillation).")
+
+
+class MOPDStage(Strict):
+    """Multi-teacher OPD: each sample is scored by the teacher of its prompt's domain."""
+
+    type: Literal["mopd"] = "mopd"
+    steps: int = Field(50, gt=0, description="Learner optimizer steps (policy versions).")
+    routing: dict[str, str] = Field(..., min_length=1, description="Domain tag -> teacher name. "
+                                    "Every domain of the training prompts must be listed.")
+    alpha: float = Field(0.0, ge=0, description="As in `opd`: weight of the outcome advantage.")
+
+
+Stage = Annotated[Union[SFTStage, GRPOStage, OPDStage, MOPDStage], Field(discriminator="type")]
+RLStage = Union[GRPOStage, OPDStage, MOPDStage]
+
+
+def stage_teachers(stage: object) -> list[str]:
+    """Teachers a stage asks for (none for sft/grpo)."""
+    if isinstance(stage, OPDStage):
+        return [stage.teacher]
+    if isinstance(stage, MOPDStage):
+        return sorted(set(stage.routing.values()))
+    return []
 
 
 class DatasetsConfig(Strict):
@@ -138,6 +170,9 @@ class ClusterConfig(Strict):
     ray_address: str | None = Field(None, description="Ray cluster; none starts a local Ray.")
     redis_url: str | None = Field(None, description="Redis; none starts an embedded one.")
     verifier_address: str | None = Field(None, description="Verifier service; none starts one.")
+    teacher_address: str | None = Field(
+        None, description="Shared teacher service for opd/mopd stages; none starts one hosting "
+        "`teachers`.")
     verifier: VerifierServiceConfig = Field(default_factory=VerifierServiceConfig,
                                             description="Config of an embedded verifier service.")
 
@@ -148,7 +183,11 @@ class JobConfig(Strict):
     output_dir: str = Field("runs/job", description="Metrics, logs, checkpoints and exports.")
     model: ModelConfig
     datasets: DatasetsConfig
-    stages: list[Stage] = Field(..., min_length=1, description="Run in order: sft, grpo.")
+    stages: list[Stage] = Field(..., min_length=1,
+                                description="Run in order: sft, grpo, opd, mopd.")
+    teachers: list[TeacherModelConfig] = Field(
+        default_factory=list, description="Teachers of the opd/mopd stages, hosted by an "
+        "embedded teacher service when `cluster.teacher_address` is not set.")
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     learner: LearnerConfig = Field(default_factory=LearnerConfig)
     async_: AsyncConfig = Field(default_factory=AsyncConfig, alias="async")
@@ -156,6 +195,9 @@ class JobConfig(Strict):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     seed: int = Field(0, description="Global seed.")
+    resume_from: str | None = Field(
+        None, description="A checkpoint dir written by this job's learner: restore model, "
+        "optimizer, step and stage from it and go on from there.")
 
     model_config = Strict.model_config | {"populate_by_name": True}
 
@@ -163,4 +205,26 @@ class JobConfig(Strict):
     def _defaults(self) -> JobConfig:
         if self.checkpoint is None:
             self.checkpoint = CheckpointConfig(dir=f"{self.output_dir}/checkpoints")
+        self._check_teachers()
         return self
+
+    def _check_teachers(self) -> None:
+        """Teacher names must resolve and MOPD domains must be routed, before the job starts
+        (prompts with a per-row `domain_field` are checked when the job loads them)."""
+        if self.cluster.teacher_address is None:
+            hosted = {t.name for t in self.teachers}
+            for i, st in enumerate(self.stages):
+                for name in stage_teachers(st):
+                    if name not in hosted:
+                        raise ValueError(
+                            f"stages.{i}: teacher {name!r} is not in `teachers` "
+                            f"({', '.join(sorted(hosted)) or 'none listed'}) and no "
+                            "cluster.teacher_address is set")
+        static = {d.domain or "" for d in self.datasets.train if d.domain_field is None}
+        for i, st in enumerate(self.stages):
+            if isinstance(st, MOPDStage):
+                missing = sorted(static - st.routing.keys())
+                if missing:
+                    raise ValueError(f"stages.{i}.routing: no teacher for domain(s) "
+                                     f"{', '.join(map(repr, missing))} of datasets.train "
+                                     "(set `domain` or `domain_field` on each dataset)")

@@ -1,0 +1,35 @@
+"""On-policy distillation (OPD/MOPD) advantages.
+
+The student samples a completion; the teacher scores each sampled token. The per-token
+advantage is the negative per-token reverse KL estimate, log pi_teacher(y_t) - log
+pi_student(y_t): tokens the teacher finds likelier than the student are pushed up, the rest
+down. It then goes through the same clipped, importance-corrected surrogate as GRPO
+(learner/losses/grpo.py), so stale samples are handled the same way. Optionally the
+verifier's group-normalised outcome advantage is mixed in with weight alpha.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+def opd_token_advantages(student_logprobs: Sequence[float], teacher_logprobs: Sequence[float],
+                         outcome_advantage: float = 0.0, alpha: float = 0.0) -> list[float]:
+    """A_t = -(log pi_student(y_t) - log pi_teacher(y_t)) + alpha * A_outcome, per token.
+
+    `student_logprobs` are the behaviour log-probs recorded at sampling time (the policy that
+    produced the tokens), `teacher_logprobs` the teacher's, one per completion token.
+    """
+    if len(student_logprobs) != len(teacher_logprobs):
+        raise ValueError(f"{len(student_logprobs)} student log-probs for "
+                         f"{len(teacher_logprobs)} teacher log-probs")
+    bonus = alpha * outcome_advantage
+    return [float(t) - float(s) + bonus for s, t in zip(student_logprobs, teacher_logprobs)]
+
+
+def reverse_kl(student_logprobs: Sequence[float], teacher_logprobs: Sequence[float]) -> float:
+    """Mean over tokens of log pi_student - log pi_teacher (the sampled reverse-KL estimate)."""
+    n = len(student_logprobs)
+    if n == 0:
+        return 0.0
+    return sum(float(s) - float(t) for s, t in zip(student_logprobs, teacher_logprobs)) / n
