@@ -244,10 +244,13 @@ class JobRunner:
             self._eval_record(ray.get(refs), f"during stage {i} ({stage.type}) at step {step}",
                               step=step, stage_elapsed_s=t0 - t_stage,
                               eval_s=time.monotonic() - t0)
+        t_done = time.monotonic() - t_stage  # the final eval sees the weights of this time
         if self.on_grpo_end:
             self.on_grpo_end(i, res, rollouts)
+        n_evals = len(self.summary["evals"])
         self._evaluate(rollouts, f"after stage {i} ({stage.type})")
-        self.summary["evals"][-1]["stage_elapsed_s"] = time.monotonic() - t_stage
+        if len(self.summary["evals"]) > n_evals:
+            self.summary["evals"][-1].update(step=stage.steps, stage_elapsed_s=t_done)
         return res
 
     def _run_stages(self, stack: dict[str, Any]) -> None:
@@ -274,6 +277,11 @@ class JobRunner:
                 res["stage_wall_s"] = time.monotonic() - t0
                 self.summary["stages"].append(res)
                 self.summary.setdefault("checkpoints", []).append(res.get("checkpoint"))
+            if not self.summary["evals"] and first < len(self.cfg.stages):
+                # No RL stage measured the model (an SFT-only job, e.g. a teacher): once at
+                # the end.
+                self._evaluate(rollouts, f"after stage {len(self.cfg.stages) - 1} "
+                               f"({self.cfg.stages[-1].type})")
             export = ray.get(learner.export.remote())
             self.summary["export"] = export
             self.log(f"exported Hugging Face checkpoint to {export}")

@@ -121,3 +121,76 @@ def test_crashed_rollout_worker_is_restarted_and_nothing_is_lost(tmp_path: Path)
     assert grpo["steps"] == 8 and grpo["samples"] == 8 * 4 * 4
     tickets = grpo["tickets_trained"]
     assert sorted(tickets) == list(range(8 * 4))  # each ticket trained exactly once
+
+
+def test_mopd_job_routes_each_domain_to_its_teacher(tmp_path: Path, redis_url: str) -> None:
+    """A short MOPD stage through the real parts (hf engine for speed): an embedded teacher
+    service hosting two teachers, each sample scored by its domain's teacher; records keep the
+    teacher lineage and per-token advantages log pi_teacher - log pi_behaviour."""
+    import redis
+
+    from learner.toy_model import build_toy_model
+    from nebula.config.job import ToyModelConfig
+    from nebula.transport.pacing import JobKeys
+    from nebula.v1.trajectory_pb2 import TrajectoryGroup
+    from services.runner import JobRunner
+
+    toy = dict(hidden_size=64, layers=2, heads=2, intermediate_size=128, max_position=64)
+    t_add = build_toy_model(tmp_path / "t-add", ToyModelConfig(**toy, seed=11))
+    t_rev = build_toy_model(tmp_path / "t-rev", ToyModelConfig(**toy, seed=12))
+    rev_train, _ = make_split("reversal", tmp_path / "data", eval_size=100)
+    cfg = toy_config(
+        tmp_path, rollout={"engine": "hf"},
+        stages=[{"type": "sft", "steps": 4, "batch_size": 8, "lr": 0.001},
+                {"type": "mopd", "steps": 3, "routing": {"add": "t-add", "rev": "t-rev"}}],
+        teachers=[{"name": "t-add", "path": str(t_add)}, {"name": "t-rev", "path": str(t_rev)}],
+        cluster={"redis_url": redis_url})
+    cfg.model.toy = ToyModelConfig(**toy)
+    cfg.datasets.train.append(cfg.datasets.train[0].model_copy(update={"path": str(rev_train)}))
+    summary = JobRunner(cfg, job_id="mopd").run()
+
+    assert [s["stage"] for s in summary["stages"]] == ["sft0", "mopd1"]
+    assert set(summary["teachers"]) == {"t-add", "t-rev"}
+    r = redis.Redis.from_url(redis_url)
+    groups = [TrajectoryGroup.FromString(f[b"g"])
+              for _, f in r.xrange(JobKeys("mopd-1").stream)]
+    assert len(groups) == 3 * 4
+    assert {g.domain for g in groups} <= {"add", "rev"}
+    for g in groups:
+        for s in g.samples:
+            assert s.teacher == {"add": "t-add", "rev": "t-rev"}[g.domain]
+            assert s.teacher_version == summary["teachers"][s.teacher]
+            assert len(s.teacher_logprobs) == len(s.completion_ids) == len(s.token_advantages)
+            for a, t, b in zip(s.token_advantages, s.teacher_logprobs, s.behaviour_logprobs):
+                assert a == pytest.approx(t - b, abs=1e-5)
+    rows = [x for x in read_metrics(cfg) if x["stage"] == "mopd1"]
+    assert len(rows) == 3 and all("reverse_kl" in x and x["teachers"] for x in rows)
+    assert Path(summary["stages"][1]["checkpoint"]).is_dir()
+
+
+def test_resume_from_a_mid_stage_checkpoint(tmp_path: Path) -> None:
+    """A job checkpoints every 2 GRPO steps; a new run with resume_from = the step-2 checkpoint
+    restores the policy version and trains only the remaining steps of that stage."""
+    from services.runner import JobRunner
+
+    cfg = toy_config(tmp_path, rollout={"engine": "hf"},
+                     stages=[{"type": "sft", "steps": 4, "batch_size": 8, "lr": 0.001},
+                             {"type": "grpo", "steps": 4}],
+                     checkpoint={"dir": str(tmp_path / "ck"), "interval": 2, "keep": 5},
+                     datasets={"eval": None, "train": [json.loads(
+                         toy_config(tmp_path).datasets.train[0].model_dump_json())]})
+    first = JobRunner(cfg, job_id="first").run()
+    ck = tmp_path / "ck"
+    assert {p.name for p in ck.iterdir()} >= {"sft0-end", "grpo1-step2", "grpo1-end", "export"}
+    v_end = first["stages"][1]["final_version"]
+
+    resumed_cfg = cfg.model_copy(update={"resume_from": str(ck / "grpo1-step2"),
+                                         "output_dir": str(tmp_path / "run2")})
+    second = JobRunner(resumed_cfg, job_id="second").run()
+    assert second["resumed_from"]["stage"] == 1 and second["resumed_from"]["step"] == 2
+    assert [s["stage"] for s in second["stages"]] == ["grpo1"]
+    assert len(second["stages"][0]["tickets_trained"]) == 2 * 4  # steps 2 and 3 only
+    assert min(second["stages"][0]["tickets_trained"]) == 2 * 4
+    assert second["stages"][0]["final_version"] <= v_end
+    g = [r for r in read_metrics(resumed_cfg) if r["stage"] == "grpo1"]
+    assert len(g) == 2
