@@ -383,9 +383,10 @@ class DSLearnerEngine:
         else:
             yield
 
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """Hugging Face-named full weights on CPU (model dtype); a tensor shared by several
-        names (tied embeddings) is kept under its first name only, as `save_pretrained` does."""
+    def full_state_dict(self, device: Any = "cpu") -> dict[str, torch.Tensor]:
+        """Hugging Face-named full weights copied to `device` (model dtype); a tensor shared by
+        several names (tied embeddings) is kept under its first name only, as `save_pretrained`
+        does."""
         out: dict[str, Any] = {}
         seen: set[tuple] = set()
         with self._gathered():
@@ -394,7 +395,7 @@ class DSLearnerEngine:
                 if t.numel() and key in seen:
                     continue
                 seen.add(key)
-                out[name] = t.detach().to("cpu", copy=True).contiguous()
+                out[name] = t.detach().to(device, copy=True).contiguous()
         return out
 
     def state_dict_blob(self) -> bytes:

@@ -62,6 +62,7 @@ class LearnerWorker:
         self.metrics = MetricsSink(Path(self.cfg.output_dir), redis_url,
                                    JobKeys(job_id).metrics)
         self.global_step = 0
+        self.pusher: Any = None  # NcclWeightPusher once rollouts are attached (GPU)
         self._published = -1
         self._published_steps = -1
         self._published_ref: Any = None
@@ -77,14 +78,34 @@ class LearnerWorker:
         version = self.engine.version
         if version == self._published and steps == self._published_steps:
             return version
-        ref = ray.put(self.engine.state_dict_blob()) if version != self._published \
-            else self._published_ref
-        ray.get(self.store.publish.remote(version, [ref], steps))
+        if self.pusher is not None:  # GPU: broadcast into the engines; no blob to fetch
+            if version != self._published:
+                self.pusher.push(version)
+            ref = None
+        else:
+            ref = ray.put(self.engine.state_dict_blob()) if version != self._published \
+                else self._published_ref
+        ray.get(self.store.publish.remote(version, [ref] if ref is not None else [], steps))
         self._published_ref, self._published_steps = ref, steps
         if self.r is not None:
             self.r.set(JobKeys(self.job_id).version, version)
         self._published = version
         return version
+
+    def attach_rollouts(self, rollouts: list[Any], tp_size: int = 1) -> str:
+        """Open an NCCL weight-sync group with each rollout engine (weight_sync nccl)."""
+        from learner.weight_sync import NcclWeightPusher, nccl_available
+
+        if not nccl_available(str(self.engine.device)):
+            raise RuntimeError(f"learner.weight_sync nccl: the learner runs on "
+                               f"{self.engine.device}, NCCL needs a CUDA device")
+        self.pusher = NcclWeightPusher(self._gpu_state, rollouts, tp_size)
+        self._published = -1  # the engines hold the initial checkpoint; push on next publish
+        return "nccl"
+
+    def _gpu_state(self) -> dict[str, Any]:
+        """Full HF-named weights on the learner's device, for the NCCL broadcast."""
+        return self.engine.full_state_dict(device=self.engine.device)
 
     # -- SFT ----------------------------------------------------------------------------
 

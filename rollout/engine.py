@@ -144,7 +144,8 @@ class VLLMEngine(RolloutEngine):
     def __init__(self, model_path: str | Path, *, dtype: str = "float32",
                  max_model_len: int | None = None, seed: int = 0, kv_cache_gb: float = 1.0,
                  cache_root: str | Path | None = None, multiprocessing: bool | None = None,
-                 max_num_seqs: int | None = None, **llm_kwargs: Any) -> None:
+                 max_num_seqs: int | None = None, weight_transfer: str | None = None,
+                 **llm_kwargs: Any) -> None:
         _set_vllm_env(kv_cache_gb, cache_root, multiprocessing)
         from vllm import LLM  # lazy: importing vLLM takes seconds
 
@@ -156,6 +157,10 @@ class VLLMEngine(RolloutEngine):
             kwargs["max_model_len"] = max_model_len
         if max_num_seqs is not None:
             kwargs["max_num_seqs"] = max_num_seqs
+        if weight_transfer:  # GPU: vLLM's NCCL weight transfer from the learner
+            from vllm.config import WeightTransferConfig
+
+            kwargs["weight_transfer_config"] = WeightTransferConfig(backend=weight_transfer)
         kwargs.update(llm_kwargs)
         self._llm: Any = LLM(**kwargs)
         self._lock = threading.Lock()
@@ -201,6 +206,18 @@ class VLLMEngine(RolloutEngine):
             # Cached prefixes hold KV computed with the old weights.
             self._llm.reset_prefix_cache()
             self._version = int(version)
+
+    def weight_transfer_rpc(self, method: str, *args: Any) -> None:
+        """Run one of vLLM's worker-side weight-transfer methods (init_weight_transfer_engine,
+        start_weight_update, update_weights, finish_weight_update) in every worker."""
+        if self._llm is None:
+            raise RuntimeError("engine is closed")
+        self._llm.collective_rpc(method, args=args)
+        if method == "finish_weight_update":
+            self._llm.reset_prefix_cache()
+
+    def set_version(self, version: int) -> None:
+        self._version = int(version)
 
     def close(self) -> None:
         with self._lock:

@@ -18,5 +18,7 @@ def make_engine(cfg: JobConfig, seed: int) -> Any:
         kwargs = {"cache_root": cache}
         if cfg.model.toy is not None:
             kwargs["max_model_len"] = cfg.model.toy.max_position
+        if cfg.weight_sync_mode() == "nccl":
+            kwargs["weight_transfer"] = "nccl"
     return create_engine(rc.engine, cfg.model.path, dtype=cfg.model.dtype, seed=seed,
                          kv_cache_gb=rc.kv_cache_gb, **kwargs)

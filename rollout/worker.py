@@ -87,6 +87,35 @@ class RolloutWorker:
             self.loaded_steps = steps
         return self.engine.version
 
+    # -- NCCL weight sync (GPU) ---------------------------------------------------------
+    # The inference side of vLLM's VLLMWeightSyncClient protocol, driven by the learner's
+    # NcclWeightPusher (learner/weight_sync.py) through RayVLLMWeightSyncClient. The engine
+    # lock is held from start to finish, so no batch samples from half-loaded weights.
+
+    def init_weight_transfer_engine(self, request: Any) -> None:
+        self.engine.weight_transfer_rpc("init_weight_transfer_engine", request.init_info)
+
+    def start_weight_update(self) -> None:
+        self._engine_lock.acquire()
+        try:
+            self.engine.weight_transfer_rpc("start_weight_update")
+        except BaseException:
+            self._engine_lock.release()
+            raise
+
+    def update_weights(self, request: Any) -> None:
+        self.engine.weight_transfer_rpc("update_weights", request.update_info)
+
+    def finish_weight_update(self) -> None:
+        try:
+            self.engine.weight_transfer_rpc("finish_weight_update")
+        finally:
+            self._engine_lock.release()
+
+    def update_weight_version(self, version: str) -> None:
+        self.engine.set_version(int(version))
+        self.stats["weight_loads"] += 1
+
     # -- GRPO ---------------------------------------------------------------------------
 
     def run(self, stage: str, keys_id: str, stage_cfg: dict[str, Any]) -> dict[str, Any]:
@@ -108,22 +137,37 @@ class RolloutWorker:
         if leftover:
             self.stats["regenerated"] += len(leftover)
             log.warning("%s: regenerating %d unfinished groups", self.name, len(leftover))
-            self._generate(stage, leftover, G)
-        while not self.r.exists(self.keys.stop):
-            want = self.cfg.rollout.prompts_per_request
-            t0 = time.monotonic()
-            tickets = pacer.reserve(want, should_stop=lambda: bool(self.r.exists(self.keys.stop)))
-            t1 = time.monotonic()
-            self.stats["pacing_wait_s"] += t1 - t0
-            if not tickets:
-                break
-            mine = [t for t in tickets if t < total]
-            if mine:
-                self.r.hset(inflight, mapping={t: 1 for t in mine})
-                self._generate(stage, mine, G)
-            self.stats["busy_s"] += time.monotonic() - t1
-            if len(mine) < len(tickets):  # past the stage's last ticket: nothing left
-                break
+            self._finish(stage, leftover, *self._sample(leftover, G), G)
+        # Scoring (verifier, teacher) and the stream write of one batch overlap the
+        # generation of the next: at most one batch is being finished at a time, and its
+        # errors surface at the next hand-off.
+        from concurrent.futures import Future, ThreadPoolExecutor
+
+        pending: Future | None = None
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="finish") as post:
+            while not self.r.exists(self.keys.stop):
+                want = self.cfg.rollout.prompts_per_request
+                t0 = time.monotonic()
+                tickets = pacer.reserve(want,
+                                        should_stop=lambda: bool(self.r.exists(self.keys.stop)))
+                t1 = time.monotonic()
+                self.stats["pacing_wait_s"] += t1 - t0
+                if not tickets:
+                    break
+                mine = [t for t in tickets if t < total]
+                if mine:
+                    self.r.hset(inflight, mapping={t: 1 for t in mine})
+                    sampled = self._sample(mine, G)
+                    if pending is not None:
+                        pending.result()
+                    pending = post.submit(self._finish, stage, mine, *sampled, G)
+                self.stats["busy_s"] += time.monotonic() - t1
+                if len(mine) < len(tickets):  # past the stage's last ticket: nothing left
+                    break
+            if pending is not None:
+                t1 = time.monotonic()
+                pending.result()
+                self.stats["busy_s"] += time.monotonic() - t1
         if self.scorer is not None:
             self.scorer.close()
             self.scorer = None
@@ -144,10 +188,9 @@ class RolloutWorker:
         self.scorer = TeacherScorer(self.teacher_address, st, self.tokenizer)
         self.alpha = st.alpha
 
-    def _generate(self, stage: str, tickets: list[int], G: int) -> None:
-        from rollout.groups import build_group
-        from verifier.engine import Item
-
+    def _sample(self, tickets: list[int], G: int) -> tuple[list[Any], list[Any], int]:
+        """Generate the groups of `tickets` with weights recent enough for the staleness
+        bound; returns (prompt rows, samples per row, policy version)."""
         rc = self.cfg.rollout
         # Staleness bound: weights with >= step(t) - max_staleness steps are recent enough.
         need = max(ticket_step(t, G) for t in tickets) - self.cfg.async_.max_staleness
@@ -157,6 +200,16 @@ class RolloutWorker:
             t0 = time.monotonic()
             outs = self.engine.generate([r.prompt_ids for r in rows], rc.samples_per_prompt,
                                         rc.temperature, rc.top_p, rc.max_tokens)
+        self.stats["gen_s"] += time.monotonic() - t0
+        return rows, outs, version
+
+    def _finish(self, stage: str, tickets: list[int], rows: list[Any], outs: list[Any],
+                version: int, G: int) -> None:
+        """Score the samples (verifier; teacher in opd/mopd), build the groups and write them
+        to the stream, ending their reservations in the same transaction."""
+        from rollout.groups import build_group
+        from verifier.engine import Item
+
         t1 = time.monotonic()
         items = [Item(r.verifier, s.text, r.reference, r.metadata, id=f"{t}:{j}")
                  for t, r, group in zip(tickets, rows, outs) for j, s in enumerate(group)]
@@ -167,7 +220,6 @@ class RolloutWorker:
             scores = self.scorer.score([r.prompt_ids for r in rows], [r.domain for r in rows],
                                        [[s.completion_ids for s in group] for group in outs])
             self.stats["teacher_s"] = self.stats.get("teacher_s", 0.0) + time.monotonic() - t2
-        self.stats["gen_s"] += t1 - t0
         self.stats["verify_s"] += t2 - t1
         pipe = self.r.pipeline(transaction=True)
         k = 0

@@ -117,14 +117,17 @@ class JobRunner:
         rc = self.cfg.rollout
         store = ray.remote(WeightStore).options(num_cpus=0).remote()
         learner = ray.remote(LearnerWorker).options(
-            num_cpus=1, max_concurrency=2, name=f"{self.job_id}-learner",
+            num_cpus=1, max_concurrency=4, name=f"{self.job_id}-learner",
         ).remote(job, self.job_id, stack["redis_url"], store)
         rollouts = [ray.remote(RolloutWorker).options(
-            num_cpus=rc.num_cpus, num_gpus=rc.num_gpus, max_concurrency=2,
+            num_cpus=rc.num_cpus, num_gpus=rc.num_gpus, max_concurrency=4,
             max_restarts=3, max_task_retries=3, name=f"{self.job_id}-rollout-{i}",
         ).remote(job, self.job_id, i, stack["redis_url"], stack["verifier_address"], store,
                  stack.get("teacher_address"))
             for i in range(rc.workers)]
+        if self.cfg.weight_sync_mode() == "nccl":
+            ray.get(learner.attach_rollouts.remote(rollouts))
+            self.log("weight sync: NCCL broadcast from the learner into each engine")
         return store, learner, rollouts
 
     def _poll(self, learner: Any, extra: Callable[[dict[str, Any]], None] | None = None

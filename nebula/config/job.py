@@ -142,6 +142,10 @@ class LearnerConfig(Strict):
     grad_clip: float = Field(1.0, gt=0, description="Gradient norm clip.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     publish_every: int = Field(1, gt=0, description="Publish weights every k optimizer steps.")
+    weight_sync: Literal["auto", "object_store", "nccl"] = Field(
+        "auto", description="How new weights reach the rollout engines: object_store (Ray's "
+        "shared memory; CPU), nccl (a broadcast from the learner's GPU into each vLLM engine; "
+        "GPU only), auto = nccl when the rollout engines are vLLM on GPUs.")
     skip_uniform_groups: bool = Field(
         True, description="Leave groups whose rewards are all equal (zero advantage) out of the "
         "loss normalisation; they are still consumed, acknowledged and counted in metrics.")
@@ -206,7 +210,19 @@ class JobConfig(Strict):
         if self.checkpoint is None:
             self.checkpoint = CheckpointConfig(dir=f"{self.output_dir}/checkpoints")
         self._check_teachers()
+        if self.learner.weight_sync == "nccl" and (self.rollout.engine != "vllm"
+                                                   or self.rollout.num_gpus <= 0):
+            raise ValueError("learner.weight_sync: nccl needs rollout.engine vllm on GPUs "
+                             "(rollout.num_gpus > 0)")
         return self
+
+    def weight_sync_mode(self) -> Literal["object_store", "nccl"]:
+        """`learner.weight_sync` with `auto` resolved."""
+        if self.learner.weight_sync != "auto":
+            return self.learner.weight_sync
+        on_gpu = self.rollout.engine == "vllm" and self.rollout.num_gpus > 0 \
+            and self.learner.device != "cpu"
+        return "nccl" if on_gpu else "object_store"
 
     def _check_teachers(self) -> None:
         """Teacher names must resolve and MOPD domains must be routed, before the job starts
