@@ -39,10 +39,14 @@ def test_configmaps_in_k8s_hold_valid_configs() -> None:
             if not doc or doc.get("kind") != "ConfigMap":
                 continue
             for key, text in (doc.get("data") or {}).items():
-                if key == "verifier.yaml":
-                    load_model(VerifierServiceConfig, yaml.safe_load(text), f"{path}:{key}")
+                from nebula.config.teacher import TeacherServiceConfig
+
+                model = {"verifier.yaml": VerifierServiceConfig,
+                         "teacher.yaml": TeacherServiceConfig}.get(key)
+                if model is not None:
+                    load_model(model, yaml.safe_load(text), f"{path}:{key}")
                     seen += 1
-    assert seen >= 1
+    assert seen >= 2
 
 
 def test_errors_name_the_field() -> None:
