@@ -115,8 +115,10 @@ class TeacherBatcher:
     async def _run(self) -> None:
         assert self._queue is not None
         loop = asyncio.get_running_loop()
+        carry: _Pending | None = None
         while True:
-            batch = [await self._queue.get()]
+            batch = [carry if carry is not None else await self._queue.get()]
+            carry = None
             deadline = loop.time() + self.batch_wait_s
             while len(batch) < self.max_batch_sequences:
                 try:
@@ -131,6 +133,20 @@ class TeacherBatcher:
                     batch.append(await asyncio.wait_for(self._queue.get(), left))
                 except TimeoutError:
                     break
+            # Never split a request across batches: its sequences are queued together, and
+            # splitting them costs padding (each batch is length-sorted on its own) and a
+            # second forward wait. Also take what is already queued, up to a bound; score()
+            # cuts the batch into sorted passes of at most max_batch_sequences anyway.
+            bound = 4 * self.max_batch_sequences
+            while True:
+                try:
+                    nxt = self._queue.get_nowait()
+                except asyncio.QueueEmpty:
+                    break
+                if len(batch) >= bound and nxt.request != batch[-1].request:
+                    carry = nxt  # first item of the next batch
+                    break
+                batch.append(nxt)
             try:
                 await self._process(batch)
             except asyncio.CancelledError:

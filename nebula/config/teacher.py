@@ -53,7 +53,9 @@ class TeacherServiceConfig(Strict):
         "time of the first are merged into one forward pass.",
     )
     max_batch_sequences: int = Field(
-        64, gt=0, description="Most sequences merged into one batch (closes the window early)."
+        64, gt=0, description="Sequences that close the batching window early, and the most "
+        "in one forward pass (a batch is length-sorted, then cut into passes). A request's "
+        "sequences are never split across batches."
     )
     cache_entries: int = Field(
         4096, ge=0, description="LRU cache of per-sequence results, in sequences; 0 disables it."
