@@ -154,6 +154,174 @@ def run(
                            "export": summary.get("export"), "wall_s": round(summary["wall_s"], 1)}))
 
 
+# -- the REST job service and its client -------------------------------------------------
+
+Server = Annotated[Optional[str], typer.Option("--server", envvar="NEBULA_SERVER",
+                                               help="API URL (default http://127.0.0.1:8000)")]
+Token = Annotated[Optional[str], typer.Option("--token", envvar="NEBULA_TOKEN",
+                                              help="bearer token")]
+
+
+def _client(server: Optional[str], token: Optional[str]):  # noqa: ANN202 - lazy import
+    from services.sdk import NebulaClient
+
+    return NebulaClient(server, token)
+
+
+def _api_call(fn, *args, **kw):  # noqa: ANN001, ANN202
+    """Run an SDK call; API and connection errors end the command with a message."""
+    import httpx
+
+    from services.sdk import ApiError
+
+    try:
+        return fn(*args, **kw)
+    except ApiError as e:
+        _fail(str(e), 1)
+    except httpx.HTTPError as e:
+        _fail(f"cannot reach the API: {e}", 1)
+
+
+@app.command()
+def serve(
+    config: Annotated[Optional[Path], typer.Option(help="ApiConfig YAML/JSON")] = None,
+    host: Annotated[Optional[str], typer.Option(help="bind address")] = None,
+    port: Annotated[Optional[int], typer.Option(help="HTTP port")] = None,
+    work_dir: Annotated[Optional[str], typer.Option(help="job outputs, embedded Redis/Ray state")] = None,
+    redis_url: Annotated[Optional[str], typer.Option(help="Redis (default: embedded)")] = None,
+    ray_address: Annotated[Optional[str], typer.Option(help="Ray job-submission address (default: RAY_ADDRESS, else an embedded Ray)")] = None,
+) -> None:
+    """Run the REST job service (and its dashboard at /)."""
+    import logging
+
+    import uvicorn
+
+    from nebula.config import ConfigError
+    from services.api.settings import load_api_config
+
+    try:
+        cfg = load_api_config(config, host=host, port=port, work_dir=work_dir,
+                              redis_url=redis_url, ray_address=ray_address)
+    except ConfigError as e:
+        _fail(str(e))
+    from services.api.app import create_app
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    uvicorn.run(create_app(cfg), host=cfg.host, port=cfg.port, log_level="info",
+                timeout_graceful_shutdown=5)
+
+
+@app.command()
+def submit(
+    config: Annotated[Path, typer.Argument(help="job config (YAML or JSON)")],
+    priority: Annotated[int, typer.Option(help="higher starts first")] = 0,
+    idempotency_key: Annotated[Optional[str], typer.Option(help="retry-safe key")] = None,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="show progress until the job ends")] = False,
+    server: Server = None, token: Token = None,
+) -> None:
+    """Submit a job to the API; prints its id."""
+    if not config.is_file():
+        _fail(f"config file not found: {config}")
+    with _client(server, token) as c:
+        job = _api_call(c.submit, config, priority, idempotency_key)
+        typer.echo(job["id"])
+        if follow:
+            from services.cli_view import follow_progress
+
+            raise typer.Exit(_api_call(follow_progress, c, job["id"]))
+
+
+@app.command()
+def jobs(
+    state: Annotated[Optional[str], typer.Option(help="only jobs in this state")] = None,
+    limit: Annotated[int, typer.Option(help="at most this many")] = 50,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON lines instead of a table")] = False,
+    server: Server = None, token: Token = None,
+) -> None:
+    """List jobs, newest first."""
+    with _client(server, token) as c:
+        res = _api_call(c.list, state, limit)
+    if as_json:
+        for j in res["jobs"]:
+            typer.echo(json.dumps({k: v for k, v in j.items() if k != "config"}))
+        return
+    from services.cli_view import jobs_table
+
+    jobs_table(res["jobs"])
+
+
+@app.command()
+def status(
+    job_id: Annotated[str, typer.Argument(help="job id")],
+    as_json: Annotated[bool, typer.Option("--json", help="the JobView as JSON")] = False,
+    server: Server = None, token: Token = None,
+) -> None:
+    """Show one job: state, stage, step, latest metrics, checkpoints, evals."""
+    with _client(server, token) as c:
+        job = _api_call(c.get, job_id)
+    if as_json:
+        typer.echo(json.dumps(job, indent=2))
+        return
+    from services.cli_view import job_panel
+
+    job_panel(job)
+
+
+@app.command()
+def logs(
+    job_id: Annotated[str, typer.Argument(help="job id")],
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="keep printing until the job ends")] = False,
+    server: Server = None, token: Token = None,
+) -> None:
+    """Print a job's log lines."""
+    with _client(server, token) as c:
+        if follow:
+            for line in _follow(c, job_id):
+                typer.echo(line)
+            return
+        since = None
+        while True:
+            page = _api_call(c.logs, job_id, since, 5000)
+            for line in page["lines"]:
+                typer.echo(line)
+            if not page["lines"]:
+                return
+            since = page["next_since"]
+
+
+def _follow(c, job_id: str):  # noqa: ANN001, ANN202
+    import httpx
+
+    from services.sdk import ApiError
+
+    try:
+        yield from c.follow_logs(job_id)
+    except ApiError as e:
+        _fail(str(e), 1)
+    except httpx.HTTPError as e:
+        _fail(f"cannot reach the API: {e}", 1)
+
+
+@app.command()
+def cancel(job_id: Annotated[str, typer.Argument(help="job id")],
+           server: Server = None, token: Token = None) -> None:
+    """Cancel a queued or running job."""
+    with _client(server, token) as c:
+        job = _api_call(c.cancel, job_id)
+    typer.echo(f"{job['id']}: {job['state']}")
+
+
+@app.command()
+def resume(job_id: Annotated[str, typer.Argument(help="job id")],
+           checkpoint: Annotated[Optional[str], typer.Option(help="checkpoint path or tag (default: latest)")] = None,
+           server: Server = None, token: Token = None) -> None:
+    """Requeue a failed or cancelled job from a checkpoint."""
+    with _client(server, token) as c:
+        job = _api_call(c.resume, job_id, checkpoint)
+    typer.echo(f"{job['id']}: {job['state']} (resume_from {job['config'].get('resume_from')})")
+
+
 def main() -> None:
     app()
 

@@ -1,0 +1,1 @@
+"""The REST job service (`nebula serve`): FastAPI app, auth, schemas, settings."""

@@ -1,0 +1,227 @@
+"""The driver of one Nebula job inside its Ray job: `python -m services.jobs.process
+--job-id ID --redis-url URL --work-dir DIR` (what the launcher submits).
+
+It reads the job's config from its record, runs JobRunner against the Ray it was started
+in and the API's Redis (so the learner's metrics stream lands where the API reads it), and
+reports into the record: running, stage/step, checkpoints, evals, logs (everything printed,
+including the actors' output Ray forwards), and the terminal state. SIGTERM (a cancel, from
+Ray's stop_job) stops the run; the job's actors die with their driver.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import re
+import signal
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from services.jobs.keys import ACTIVE, RecordKeys
+from services.jobs.store import JobStore
+
+
+class Cancelled(BaseException):
+    """Raised in the main thread by SIGTERM (BaseException: no `except Exception` eats it)."""
+
+
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+class RedisLines(io.TextIOBase):
+    """A text stream that also sends each complete line to the job's log stream."""
+
+    def __init__(self, store: JobStore, job_id: str, inner: Any) -> None:
+        self.store, self.job_id, self.inner = store, job_id, inner
+        self._buf = ""
+        self._lock = threading.Lock()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, s: str) -> int:
+        try:
+            self.inner.write(s)
+        except Exception:  # noqa: BLE001 - a closed pipe must not stop the job
+            pass
+        with self._lock:
+            self._buf += s
+            *lines, self._buf = self._buf.split("\n")
+        if lines:
+            try:
+                clean = (ANSI.sub("", line).rsplit("\r", 1)[-1][:4000] for line in lines)
+                self.store.log(self.job_id, *(c for c in clean if c.strip()))
+            except Exception:  # noqa: BLE001 - logs are best effort; the job goes on
+                pass
+        return len(s)
+
+    def flush(self) -> None:
+        try:
+            self.inner.flush()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+def scan_checkpoints(ck_dir: Path) -> list[dict[str, Any]]:
+    """Complete checkpoints under the job's checkpoint dir, oldest first: learner checkpoints
+    (DeepSpeed's `latest` file is written last) and the Hugging Face export."""
+    out = []
+    if not ck_dir.is_dir():
+        return out
+    for p in ck_dir.iterdir():
+        if p.name == "export" and (p / "config.json").exists():
+            kind = "export"
+        elif p.is_dir() and (p / "latest").exists():
+            kind = "checkpoint"
+        else:
+            continue
+        out.append({"path": str(p.resolve()), "tag": p.name, "kind": kind,
+                    "time": p.stat().st_mtime})
+    return sorted(out, key=lambda c: (c["kind"] == "export", c["time"]))
+
+
+class Reporter:
+    """The runner's progress callback: writes what changed into the record."""
+
+    def __init__(self, store: JobStore, job_id: str, ck_dir: Path) -> None:
+        self.store, self.job_id, self.ck_dir = store, job_id, ck_dir
+        self.stage: str | None = None
+        self.step = -1
+        self.checkpoints: list[dict[str, Any]] = []
+        self.evals: list[dict[str, Any]] = []
+        self._scanned = 0.0
+        self.runner: Any = None
+
+    def __call__(self, status: dict[str, Any]) -> None:
+        stage, step = status.get("stage") or None, int(status.get("step") or 0)
+        changed = stage != self.stage
+        if changed or step != self.step:
+            self.stage, self.step = stage, step
+            self.store.update(self.job_id, stage=stage, step=step,
+                              total_steps=status.get("total"))
+        changed |= self.sync()
+        if changed:
+            self.store.emit_state(self.job_id)
+
+    def sync(self, force: bool = False) -> bool:
+        """Record new checkpoints and evals; True if anything changed."""
+        changed = False
+        if force or time.monotonic() - self._scanned > 2.0:
+            self._scanned = time.monotonic()
+            found = scan_checkpoints(self.ck_dir)
+            if [c["path"] for c in found] != [c["path"] for c in self.checkpoints]:
+                self.checkpoints = found
+                self.store.update(self.job_id, checkpoints=found)
+                changed = True
+        evals = list(self.runner.summary.get("evals", [])) if self.runner else []
+        if len(evals) > len(self.evals):
+            for e in evals[len(self.evals):]:
+                self.store.emit(self.job_id, "eval", e)
+            self.evals = evals
+            self.store.update(self.job_id, evals=evals)
+            changed = True
+        return changed
+
+
+def _summary(summary: dict[str, Any]) -> dict[str, Any]:
+    """The small part of the runner's summary worth keeping in the record."""
+    stages = [{k: v for k, v in s.items() if not isinstance(v, (list, dict))}
+              for s in summary.get("stages", [])]
+    return {"stages": stages, "export": summary.get("export"), "wall_s": summary.get("wall_s")}
+
+
+def _job_config(rec: dict[str, Any], redis_url: str) -> Any:
+    from nebula.config.job import JobConfig
+
+    data = dict(rec["config"])
+    cluster = dict(data.get("cluster") or {})
+    # This driver runs inside a Ray job: use that Ray (RAY_ADDRESS is set by Ray for it)
+    # and the API's Redis, never private ones.
+    cluster["ray_address"] = os.environ.get("RAY_ADDRESS") or "auto"
+    cluster["redis_url"] = redis_url
+    data["cluster"] = cluster
+    return JobConfig.model_validate(data)
+
+
+def run(job_id: str, redis_url: str, work_dir: Path) -> int:
+    store = JobStore.from_url(redis_url)
+    rec = store.get(job_id)
+    if rec is None:
+        print(f"no job record {job_id}", file=sys.stderr)
+        return 2
+    if not store.transition(job_id, {"starting"}, "running", error=None):
+        print(f"job {job_id} is {store.get(job_id)['state']}; not running it")  # type: ignore[index]
+        return 0
+    work_dir.mkdir(parents=True, exist_ok=True)
+    os.chdir(work_dir)  # relative paths of the config resolve under the API's work dir
+    sys.stdout = RedisLines(store, job_id, sys.__stdout__)
+    sys.stderr = RedisLines(store, job_id, sys.__stderr__)
+
+    def on_term(signum: int, frame: Any) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once is enough
+        raise Cancelled()
+
+    signal.signal(signal.SIGTERM, on_term)
+    reporter: Reporter | None = None
+    try:
+        cfg = _job_config(rec, redis_url)
+        if rec.get("attempt", 0) > 0:
+            _clear_stage_keys(store, job_id)
+        from services.runner import JobRunner
+
+        reporter = Reporter(store, job_id, Path(cfg.checkpoint.dir))
+        runner = JobRunner(cfg, job_id, progress=reporter, log=print)
+        reporter.runner = runner
+        summary = runner.run()
+        reporter.sync(force=True)
+        store.transition(job_id, ACTIVE, "succeeded", result=_summary(summary))
+        print(f"job {job_id} succeeded in {summary.get('wall_s', 0):.1f}s")
+        return 0
+    except Cancelled:
+        print(f"job {job_id} cancelled")
+        if reporter:
+            reporter.sync(force=True)
+        store.transition(job_id, ACTIVE, "cancelled", error="cancelled")
+        return 0
+    except BaseException as e:  # noqa: BLE001 - any failure ends in a failed record
+        traceback.print_exc()
+        if reporter:
+            try:
+                reporter.sync(force=True)
+            except Exception:  # noqa: BLE001
+                pass
+        store.transition(job_id, ACTIVE, "failed", error=f"{type(e).__name__}: {e}"[:2000])
+        return 1
+    finally:
+        for s in (sys.stdout, sys.stderr):
+            s.flush()
+
+
+def _clear_stage_keys(store: JobStore, job_id: str) -> None:
+    """A resumed attempt starts its RL stages' pacing (tickets, stop flag, trajectory stream)
+    afresh; the previous attempt's would end them at once. Metrics and records stay."""
+    import re
+
+    own = re.compile(re.escape(RecordKeys(job_id).stage_prefix) + r"\d+:")
+    keys = [k for k in store.r.scan_iter(match=RecordKeys(job_id).stage_prefix + "*", count=500)
+            if own.match(k)]
+    if keys:
+        store.r.delete(*keys)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--job-id", required=True)
+    ap.add_argument("--redis-url", required=True)
+    ap.add_argument("--work-dir", required=True, type=Path)
+    a = ap.parse_args(argv)
+    return run(a.job_id, a.redis_url, a.work_dir)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,230 @@
+"""What the REST routes do: create, cancel and resume jobs, admit queued ones, and keep the
+records in step with Ray (the same pass reconciles after an API restart)."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from nebula.config.load import ConfigError, load_model
+from services.api.settings import ApiConfig
+from services.jobs import queue
+from services.jobs.keys import ACTIVE, LAUNCHED, TERMINAL
+from services.jobs.launcher import RayLauncher
+from services.jobs.store import JobStore
+
+log = logging.getLogger("nebula.api")
+
+
+class NotFound(LookupError):
+    pass
+
+
+class Conflict(ValueError):
+    pass
+
+
+def new_job_id() -> str:
+    # Fixed-length random ids: no id is a prefix of another's Redis keys.
+    return "j" + uuid.uuid4().hex[:16]
+
+
+def validate_job_config(raw: Any, job_id: str, work_dir: Path) -> dict[str, Any]:
+    """The job config as stored: validated whole (ConfigError names each bad field), dumped
+    with every default filled in. The service places job outputs: output_dir (default
+    jobs/<id>) and checkpoint.dir (default output_dir/checkpoints) become absolute under the
+    work dir, because a job's driver and its Ray actors run in different directories."""
+    from nebula.config.job import JobConfig
+
+    if not isinstance(raw, dict):
+        raise ConfigError(f"job config must be a mapping, got {type(raw).__name__}",
+                          [{"field": "<root>", "message": "must be a mapping", "type": "type"}])
+    data = dict(raw)
+    out = data.get("output_dir")
+    out = out if isinstance(out, str) and out else f"jobs/{job_id}"
+    data["output_dir"] = str(work_dir / out)  # an absolute output_dir stays as it is
+    ck = data.get("checkpoint")
+    if isinstance(ck, dict):
+        ck_dir = ck.get("dir")
+        ck_dir = ck_dir if isinstance(ck_dir, str) and ck_dir else "checkpoints"
+        data["checkpoint"] = {**ck, "dir": str(Path(data["output_dir"]) / ck_dir)}
+    cfg = load_model(JobConfig, data, source="job config")
+    return cfg.model_dump(mode="json", by_alias=True)
+
+
+class JobService:
+    def __init__(self, cfg: ApiConfig, store: JobStore, launcher: RayLauncher) -> None:
+        self.cfg = cfg
+        self.store = store
+        self.launcher = launcher
+        self._lock = threading.RLock()  # one admission or reconciliation pass at a time
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- requests -------------------------------------------------------------------------
+
+    def submit(self, tenant: str, raw: Any, priority: int = 0, idempotency_key: str | None = None,
+               body: bytes = b"") -> tuple[dict[str, Any], bool]:
+        """Validate, write the record, admit. Returns (JobView, created)."""
+        job_id = new_job_id()
+        config = validate_job_config(raw, job_id, self.cfg.work_path)
+        cpus, gpus = queue.needs(config)
+        why = queue.fits_at_all((cpus, gpus), self.cfg.quota(tenant))
+        if why:
+            raise ConfigError(f"job can never start: {why}",
+                              [{"field": "rollout", "message": why, "type": "quota"}])
+        body_hash = hashlib.sha256(body + f"|{priority}".encode()).hexdigest()
+        key_hash = hashlib.sha256(idempotency_key.encode()).hexdigest() if idempotency_key else None
+        record = {"id": job_id, "tenant": tenant, "name": config["name"], "state": "queued",
+                  "priority": priority, "created_at": time.time(), "started_at": None,
+                  "finished_at": None, "error": None, "attempt": 0, "config": config,
+                  "cpus": cpus, "gpus": gpus, "checkpoints": [], "evals": [], "stage": None,
+                  "step": 0, "total_steps": None, "ray_job_id": None}
+        created, found, found_hash = self.store.create(record, key_hash, body_hash)
+        if not created:
+            if found_hash != body_hash:
+                raise Conflict("Idempotency-Key was used before with a different request")
+            rec = self.store.get(found)
+            if rec is None:  # pragma: no cover - records are never deleted
+                raise NotFound(found)
+            return self.store.view(rec), False
+        self.store.emit_state(job_id)
+        self.schedule()
+        return self.view(job_id), True
+
+    def get(self, job_id: str, tenant: str | None) -> dict[str, Any]:
+        """The record, if `tenant` may see it (None: an admin sees all)."""
+        rec = self.store.get(job_id)
+        if rec is None or (tenant is not None and rec["tenant"] != tenant):
+            raise NotFound(job_id)
+        return rec
+
+    def view(self, job_id: str) -> dict[str, Any]:
+        rec = self.store.get(job_id)
+        if rec is None:
+            raise NotFound(job_id)
+        return self.store.view(rec)
+
+    def cancel(self, job_id: str) -> dict[str, Any]:
+        rec = self.store.get(job_id)
+        if rec is None:
+            raise NotFound(job_id)
+        if self.store.transition(job_id, ACTIVE, "cancelled", error="cancelled by user"):
+            if rec["state"] in LAUNCHED and rec.get("ray_job_id"):
+                self.launcher.stop(rec["ray_job_id"])  # SIGTERM to the job's driver
+            self.store.log(job_id, "cancelled by user")
+            self.schedule()  # its capacity is free now
+        return self.view(job_id)
+
+    def resume(self, job_id: str, checkpoint: str | None) -> dict[str, Any]:
+        rec = self.store.get(job_id)
+        if rec is None:
+            raise NotFound(job_id)
+        if rec["state"] not in ("failed", "cancelled"):
+            raise Conflict(f"only a failed or cancelled job can be resumed; this one is "
+                           f"{rec['state']}")
+        ckpts = [c for c in rec.get("checkpoints") or [] if c.get("kind") == "checkpoint"]
+        if checkpoint is None:
+            if not ckpts:
+                raise Conflict("the job has no checkpoint to resume from")
+            chosen = ckpts[-1]
+        else:
+            match = [c for c in ckpts if checkpoint in (c["path"], c["tag"])]
+            if not match:
+                raise ConfigError("unknown checkpoint", [{
+                    "field": "checkpoint", "type": "value_error",
+                    "message": f"not a checkpoint of this job: {checkpoint!r} (known: "
+                               f"{', '.join(c['tag'] for c in ckpts) or 'none'})"}])
+            chosen = match[-1]
+        config = dict(rec["config"])
+        config["resume_from"] = chosen["path"]
+        config = validate_job_config(config, job_id, self.cfg.work_path)
+        if not self.store.transition(job_id, {"failed", "cancelled"}, "queued", requeue=True,
+                                     config=config, attempt=int(rec.get("attempt", 0)) + 1,
+                                     error=None, started_at=None, finished_at=None,
+                                     ray_job_id=None):
+            raise Conflict("the job changed state meanwhile; try again")
+        self.store.log(job_id, f"resuming from {chosen['path']}")
+        self.schedule()
+        return self.view(job_id)
+
+    # -- scheduling and reconciliation ----------------------------------------------------
+
+    def schedule(self) -> None:
+        """Start the queued jobs the quotas admit now."""
+        with self._lock:
+            for job_id in queue.admit(self.store.active_records(), self.cfg.quota):
+                rec = self.store.get(job_id)
+                if rec is None:
+                    continue
+                sid = self.launcher.ray_job_id(job_id, int(rec.get("attempt", 0)))
+                # Record the Ray job id before submitting: a crash between the two leaves a
+                # `starting` job that reconciliation finds missing in Ray and fails.
+                if not self.store.transition(job_id, {"queued"}, "starting", ray_job_id=sid):
+                    continue
+                try:
+                    self.launcher.submit(job_id, int(rec.get("attempt", 0)))
+                except Exception as e:  # noqa: BLE001 - the record says why
+                    log.exception("submitting %s to Ray failed", job_id)
+                    self.store.transition(job_id, {"starting"}, "failed",
+                                          error=f"submitting to Ray failed: {e}"[:2000])
+
+    def reconcile(self) -> None:
+        """Fix records of launched jobs whose Ray job ended without the job saying so
+        (driver killed, Ray restarted, API down while it ended)."""
+        with self._lock:  # never while a job is between `starting` and its Ray submission
+            self._reconcile()
+
+    def _reconcile(self) -> None:
+        changed = False
+        for rec in self.store.active_records():
+            if rec["state"] not in LAUNCHED or not rec.get("ray_job_id"):
+                continue
+            st = self.launcher.status(rec["ray_job_id"])
+            if not st.terminal:
+                continue
+            if st.status == "STOPPED":
+                to, error = "cancelled", "the Ray job was stopped"
+            elif st.status == "SUCCEEDED":
+                to, error = "failed", "the job process exited without reporting a result"
+            elif st.status == "FAILED":
+                to, error = "failed", f"the Ray job failed: {st.message}"
+            else:
+                to, error = "failed", st.message
+            if self.store.transition(rec["id"], LAUNCHED, to, error=error[:4000]):
+                tail = self.launcher.logs_tail(rec["ray_job_id"]) if st.status else ""
+                self.store.log(rec["id"], f"[api] {error}", *tail.splitlines()[-50:])
+                changed = True
+        if changed:
+            self.schedule()
+
+    def start(self) -> None:
+        self.reconcile()
+        self.schedule()
+        self._thread = threading.Thread(target=self._loop, name="nebula-scheduler", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.cfg.poll_s):
+            try:
+                self.reconcile()
+                self.schedule()
+            except Exception:  # noqa: BLE001 - keep scheduling; Redis/Ray may come back
+                log.exception("scheduler pass failed")
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join(timeout=30)
+
+    def launched_jobs(self) -> int:
+        return sum(r["state"] in LAUNCHED for r in self.store.active_records())
+
+
+__all__ = ["Conflict", "JobService", "NotFound", "TERMINAL", "validate_job_config"]
