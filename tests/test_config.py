@@ -21,9 +21,13 @@ def config_model_for(path: Path) -> type:
 
     from nebula.config.teacher import TeacherServiceConfig
 
+    from services.api.settings import ApiConfig
+
     data = yaml.safe_load(path.read_text()) or {}
     if "stages" in data:
         return JobConfig
+    if "tokens" in data or "quotas" in data:
+        return ApiConfig
     return TeacherServiceConfig if "teachers" in data else VerifierServiceConfig
 
 

@@ -159,7 +159,8 @@ class AsyncConfig(Strict):
 
 
 class CheckpointConfig(Strict):
-    dir: str = Field("runs/job/checkpoints", description="Where checkpoints and exports go.")
+    dir: str | None = Field(None, description="Where checkpoints and exports go (default: "
+                            "output_dir/checkpoints).")
     interval: int = Field(0, ge=0, description="Checkpoint every N learner steps (0: at stage ends).")
     keep: int = Field(2, gt=0, description="Checkpoints kept (oldest removed first).")
 
@@ -208,7 +209,9 @@ class JobConfig(Strict):
     @model_validator(mode="after")
     def _defaults(self) -> JobConfig:
         if self.checkpoint is None:
-            self.checkpoint = CheckpointConfig(dir=f"{self.output_dir}/checkpoints")
+            self.checkpoint = CheckpointConfig()
+        if self.checkpoint.dir is None:
+            self.checkpoint.dir = f"{self.output_dir}/checkpoints"
         self._check_teachers()
         if self.learner.weight_sync == "nccl" and (self.rollout.engine != "vllm"
                                                    or self.rollout.num_gpus <= 0):

@@ -1,0 +1,229 @@
+"""The dashboard at `/`, in headless Chromium against the real job service: `nebula serve`
+(embedded Ray, a real Redis) running a short toy job. The job row renders, the loss curve
+gains points from the SSE stream while the job runs, the reward and accuracy curves fill
+in, and screenshots are saved under artifacts/dashboard/ (and the test's tmp dir)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import httpx
+import pytest
+
+from procs import ROOT, free_port
+
+pytestmark = pytest.mark.slow
+
+CHROMIUM = "/usr/bin/chromium"
+TOKEN = "dash-token"
+ARTIFACTS = ROOT / "artifacts" / "dashboard"
+TERMINAL = {"succeeded", "failed", "cancelled"}
+
+
+def _need_browser() -> None:
+    if not os.access(CHROMIUM, os.X_OK):
+        pytest.skip(f"no Chromium at {CHROMIUM} (Debian package `chromium`)")
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        pytest.skip("the `playwright` package is not installed (pip install playwright)")
+
+
+def _stop(pid: int, timeout_s: float = 60.0) -> None:
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator[dict[str, Any]]:
+    """`python -m services serve` on loopback with one tenant token and an embedded Ray."""
+    _need_browser()
+    tmp = tmp_path_factory.mktemp("dashboard-api")
+    port = free_port()
+    cfg = {"host": "127.0.0.1", "port": port, "work_dir": str(tmp / "work"),
+           "redis_url": redis_url, "tokens": {TOKEN: "team-a"}, "ray_num_cpus": 4,
+           "poll_s": 1.0}
+    (tmp / "api.json").write_text(json.dumps(cfg))
+    log = (tmp / "server.log").open("wb")
+    proc = subprocess.Popen([sys.executable, "-m", "services", "serve", "--config",
+                             str(tmp / "api.json")], cwd=ROOT, stdout=log,
+                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    srv = {"base": base, "headers": {"Authorization": f"Bearer {TOKEN}"}, "log": tmp / "server.log"}
+    try:
+        deadline = time.monotonic() + 240  # the embedded Ray head takes a while on 2 cores
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"nebula serve exited with {proc.returncode}:\n"
+                                   f"{srv['log'].read_text(errors='replace')[-3000:]}")
+            try:
+                if httpx.get(f"{base}/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError("nebula serve not healthy after 240 s:\n"
+                                   f"{srv['log'].read_text(errors='replace')[-3000:]}")
+            time.sleep(0.5)
+        yield srv
+    finally:
+        try:  # cancel what still runs, so the server stops its embedded Ray on exit
+            with httpx.Client(base_url=base, headers=srv["headers"], timeout=10) as c:
+                for job in c.get("/v1/jobs").json()["jobs"]:
+                    if job["state"] not in TERMINAL:
+                        c.post(f"/v1/jobs/{job['id']}/cancel")
+        except (httpx.HTTPError, ValueError, KeyError):
+            pass
+        _stop(proc.pid)
+        log.close()
+        ray_state = tmp / "work" / "ray" / "ray.json"
+        if ray_state.exists():  # left up by the server (a job still active): stop it by PID
+            _stop(int(json.loads(ray_state.read_text())["pid"]))
+
+
+def _job(srv: dict[str, Any], job_id: str) -> dict[str, Any]:
+    return httpx.get(f"{srv['base']}/v1/jobs/{job_id}", headers=srv["headers"], timeout=10).json()
+
+
+def _why(srv: dict[str, Any], job_id: str) -> str:
+    job = _job(srv, job_id)
+    logs = httpx.get(f"{srv['base']}/v1/jobs/{job_id}/logs", headers=srv["headers"],
+                     params={"limit": 10000}, timeout=10).json().get("lines", [])
+    return (f"job state={job.get('state')} error={job.get('error')}\nlast log lines:\n"
+            + "\n".join(logs[-40:]))
+
+
+def _points(page: Any, chart: str) -> int:
+    return int(page.get_attribute(f"#chart-{chart}", "data-points") or 0)
+
+
+def _shot(page: Any, tmp: Path, name: str) -> Path:
+    path = tmp / name
+    page.screenshot(path=str(path), full_page=True)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    shutil.copy(path, ARTIFACTS / name)
+    return ARTIFACTS / name
+
+
+def test_dashboard_lists_jobs_and_draws_live_curves(server: dict[str, Any], tmp_path: Path) -> None:
+    from playwright.sync_api import sync_playwright
+    from test_e2e import toy_config
+
+    base = server["base"]
+    cfg = toy_config(tmp_path, rollout={"engine": "hf"}, name="dashboard-toy")
+    res = httpx.post(f"{base}/v1/jobs", headers=server["headers"], timeout=30,
+                     json=cfg.model_dump(mode="json", by_alias=True))
+    assert res.status_code == 201, res.text
+    job_id = res.json()["id"]
+
+    errors: list[str] = []
+    foreign: list[str] = []
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.on("request", lambda r: foreign.append(r.url)
+                    if not r.url.startswith((base, "data:")) else None)
+            page.goto(f"{base}/?token={TOKEN}")
+
+            # Every asset comes from the package: nothing outside the server is fetched.
+            assets = page.eval_on_selector_all(
+                "script[src], link[href]", "els => els.map(e => e.getAttribute('src') || e.getAttribute('href'))")
+            assert assets and all(a.startswith(("/static/", "data:")) for a in assets), assets
+
+            # The job list renders the submitted job, and the token left the address bar.
+            row = page.wait_for_selector(f'tr[data-job-id="{job_id}"]', timeout=30_000)
+            assert "dashboard-toy" in row.inner_text() and "team-a" in row.inner_text()
+            assert "token=" not in page.url
+            assert page.evaluate("localStorage.getItem('nebula.token')") == TOKEN
+            # Record every change of the curves' point counts with the job state shown at
+            # that moment (the SFT stage takes only seconds: polling from here would miss it).
+            page.evaluate("""() => {
+                window.__growth = [];
+                for (const id of ['chart-loss', 'chart-throughput']) {
+                    const c = document.getElementById(id);
+                    new MutationObserver((records) => window.__growth.push(...records.map(
+                        (r) => ({ chart: id, before: +r.oldValue, points: +c.dataset.points,
+                                  state: document.getElementById('job-state').textContent }))))
+                        .observe(c, { attributes: true, attributeOldValue: true,
+                                      attributeFilter: ['data-points'] });
+                }
+            }""")
+            clicked_state = row.get_attribute("data-state")
+            row.click()
+            page.wait_for_selector("#job-panel:not([hidden])")
+            assert job_id in page.inner_text("#job-title")
+
+            # While it runs, the loss curve gains points from the live SSE stream, in more
+            # than one step (selected before training started, so none came from history).
+            try:
+                page.wait_for_function(
+                    "() => +document.querySelector('#chart-loss').dataset.points > 0 || "
+                    "['succeeded', 'failed', 'cancelled'].includes("
+                    "document.querySelector('#job-state').textContent)", timeout=600_000)
+            except Exception:
+                pytest.fail(f"no loss points within 600 s\n{_why(server, job_id)}")
+            if page.inner_text("#job-state") == "running":
+                _shot(page, tmp_path, "dashboard-running.png")
+            assert _points(page, "loss") > 0, _why(server, job_id)
+            assert page.inner_text("#log").strip(), "no log lines shown"
+
+            # Through to the end: GRPO rewards, both held-out evals, the final state.
+            page.wait_for_function(
+                "() => ['succeeded', 'failed', 'cancelled'].includes("
+                "document.querySelector('#job-state').textContent)", timeout=600_000)
+            final = _shot(page, tmp_path, "dashboard.png")
+            state = page.inner_text("#job-state")
+            assert state == "succeeded", f"{state}\n{_why(server, job_id)}"
+            page.wait_for_function("() => document.querySelector('#stream-status')"
+                                   ".textContent === 'finished'", timeout=30_000)
+            # Each curve has exactly the API's points: history and live merged, none twice.
+            points = httpx.get(f"{base}/v1/jobs/{job_id}/metrics", headers=server["headers"],
+                               params={"limit": 10000}, timeout=10).json()["points"]
+            assert len(points) >= 24  # 20 SFT steps + 4 GRPO steps
+            for chart, key in (("loss", "loss"), ("reward", "reward_mean"),
+                               ("throughput", "tokens_per_s")):
+                want = sum(isinstance(p.get(key), (int, float)) for p in points)
+                assert _points(page, chart) == want, (chart, want)
+            assert _points(page, "reward") == 4
+            # The loss curve was empty after selection and grew point by point while the
+            # page showed the job running.
+            growth = [g for g in page.evaluate("window.__growth") if g["chart"] == "chart-loss"]
+            running = [g for g in growth if g["state"] == "running"]
+            assert clicked_state in ("queued", "starting", "running"), clicked_state
+            assert running and min(g["before"] for g in running) == 0, growth
+            assert len({g["before"] for g in running} | {running[-1]["points"]}) >= 3, growth
+            assert _points(page, "accuracy") == len(_job(server, job_id)["evals"]) == 2
+            states = page.inner_text("#states")  # replayed from the events stream, in order
+            assert 0 <= states.find("queued") < states.find("running") < states.find("succeeded"), states
+            page.wait_for_function(  # the periodic list refresh shows the end state too
+                f"() => document.querySelector('tr[data-job-id=\"{job_id}\"]')"
+                ".dataset.state === 'succeeded'", timeout=15_000)
+            _shot(page, tmp_path, "dashboard.png")
+        finally:
+            browser.close()
+    assert not errors, errors
+    assert not foreign, foreign
+    assert final.stat().st_size > 10_000
