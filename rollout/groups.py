@@ -6,7 +6,7 @@ import time
 from collections.abc import Sequence
 
 from learner.losses.grpo import group_advantages
-from learner.losses.opd import opd_token_advantages
+from learner.losses.opd import group_baseline, opd_token_advantages
 from nebula.v1 import verifier_pb2
 from nebula.v1.trajectory_pb2 import TrajectoryGroup
 from rollout.distill import TeacherScore
@@ -17,13 +17,13 @@ __all__ = ["build_group", "group_advantages"]
 
 def build_group(*, job_id: str, stage: str, row: PromptRow, samples: list, verdicts: list,
                 version: int, ticket: int, step: int, worker: str,
-                teacher: Sequence[TeacherScore] | None = None, alpha: float = 0.0
-                ) -> TrajectoryGroup:
+                teacher: Sequence[TeacherScore] | None = None, alpha: float = 0.0,
+                baseline: str = "none") -> TrajectoryGroup:
     """samples: engine SampleOut list; verdicts: verifier ItemResult list (same order).
 
     With `teacher` scores (OPD/MOPD), every sample gets per-token advantages
-    log pi_teacher - log pi_behaviour + alpha * outcome advantage, and records which teacher
-    and teacher version scored it.
+    log pi_teacher - log pi_behaviour (minus the group's mean of it with baseline "group")
+    + alpha * outcome advantage, and records which teacher and teacher version scored it.
     """
     rewards = [v.reward if v.status == "ok" else 0.0 for v in verdicts]
     advantages = group_advantages(rewards)
@@ -33,6 +33,10 @@ def build_group(*, job_id: str, stage: str, row: PromptRow, samples: list, verdi
         reference=row.reference, min_policy_version=version, max_policy_version=version,
         rollout_worker=worker, created_unix=time.time(), ticket=ticket, step=step,
     )
+    b = 0.0
+    if teacher is not None and baseline == "group":
+        b = group_baseline([[t - s for s, t in zip(smp.logprobs, sc.logprobs)]
+                            for smp, sc in zip(samples, teacher)])
     for i, (s, v, r, a) in enumerate(zip(samples, verdicts, rewards, advantages)):
         n = len(s.completion_ids)
         sample = g.samples.add(
@@ -43,7 +47,8 @@ def build_group(*, job_id: str, stage: str, row: PromptRow, samples: list, verdi
         if teacher is not None:
             t = teacher[i]
             sample.teacher_logprobs.extend(t.logprobs)
-            sample.token_advantages.extend(opd_token_advantages(s.logprobs, t.logprobs, a, alpha))
+            sample.token_advantages.extend(opd_token_advantages(s.logprobs, t.logprobs, a, alpha,
+                                                                b))
             sample.teacher, sample.teacher_version = t.teacher, t.teacher_version
         sample.verify.CopyFrom(verifier_pb2.VerifyResult(
             id=v.id, verifier=v.verifier, reward=v.reward, passed=v.passed, reason=v.reason,

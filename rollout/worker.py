@@ -52,7 +52,7 @@ class RolloutWorker:
         self.verifier = VerifierClient(verifier_address, timeout_s=600)
         self.teacher_address = teacher_address
         self.scorer: Any = None  # a TeacherScorer during opd/mopd stages
-        self.alpha = 0.0
+        self.alpha, self.baseline = 0.0, "none"
         self.loaded_steps = -1
         # Held from weight sync to the end of generation, so an evaluation running beside the
         # training loop (max_concurrency 2) cannot swap weights under a batch being tagged.
@@ -186,7 +186,7 @@ class RolloutWorker:
                              "or `teachers` for the embedded one)")
         check_routing(st, [r.domain for r in self.rows])
         self.scorer = TeacherScorer(self.teacher_address, st, self.tokenizer)
-        self.alpha = st.alpha
+        self.alpha, self.baseline = st.alpha, st.baseline
 
     def _sample(self, tickets: list[int], G: int) -> tuple[list[Any], list[Any], int]:
         """Generate the groups of `tickets` with weights recent enough for the staleness
@@ -227,7 +227,8 @@ class RolloutWorker:
             g = build_group(job_id=self.job_id, stage=stage, row=r, samples=group,
                             verdicts=verdicts[k:k + len(group)], version=version, ticket=t,
                             step=ticket_step(t, G), worker=self.name,
-                            teacher=scores[gi] if scores is not None else None, alpha=self.alpha)
+                            teacher=scores[gi] if scores is not None else None, alpha=self.alpha,
+                            baseline=self.baseline)
             k += len(group)
             pipe.xadd(self.keys.stream, {b"g": g.SerializeToString()})
             pipe.hdel(self.keys.inflight(self.name), t)

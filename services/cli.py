@@ -209,7 +209,7 @@ def serve(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     uvicorn.run(create_app(cfg), host=cfg.host, port=cfg.port, log_level="info",
-                timeout_graceful_shutdown=5)
+                access_log=cfg.access_log, timeout_graceful_shutdown=5)
 
 
 @app.command()

@@ -21,11 +21,14 @@ api_work = api_procs.api_work  # the shared session fixture
 
 TOKENS = {"tok-a": "alice", "tok-b": "bob", "tok-q": "quota", "tok-p": "pager"}
 ADMIN = "tok-admin"
+SSE_KEEPALIVE_S = 6.0
 
 
 @pytest.fixture(scope="module")
 def srv(api_work: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiServer]:
     cfg = {"tokens": TOKENS, "admin_tokens": [ADMIN], "max_body_bytes": 65536,
+           # Above redis-py's default 5 s socket timeout, which once broke idle streams.
+           "sse_keepalive_s": SSE_KEEPALIVE_S,
            "default_quota": {"max_concurrent_jobs": 0},
            "quotas": {"quota": {"max_concurrent_jobs": 1, "cpus": 4}}}
     with module_redis(tmp_path_factory.mktemp("redis")) as url, \
@@ -80,6 +83,11 @@ def test_tenant_isolation_and_admin(srv: ApiServer, job_cfg: dict[str, Any]) -> 
         assert b.post(f"/v1/jobs/{ja['id']}/resume").status_code == 404
         assert ja["id"] not in {j["id"] for j in tenant_jobs(b)}
         assert a.get(f"/v1/jobs/{ja['id']}").json()["id"] == ja["id"]
+        # The pre-encoded answers are what the OpenAPI schema says.
+        from services.api.schemas import JobList, JobView
+
+        JobView.model_validate(a.get(f"/v1/jobs/{ja['id']}").json())
+        JobList.model_validate(admin.get("/v1/jobs", params={"limit": 200}).json())
         seen = {j["id"] for j in tenant_jobs(admin)}
         assert {ja["id"], jb["id"]} <= seen
         assert admin.get(f"/v1/jobs/{jb['id']}").status_code == 200
@@ -282,3 +290,30 @@ def test_cli_against_the_api(srv: ApiServer, job_cfg: dict[str, Any], tmp_path: 
     assert missing.returncode == 1 and "404" in missing.stderr
     bad = nebula("status", job_id, "--token", "wrong")
     assert bad.returncode == 1 and "401" in bad.stderr
+
+
+def test_idle_event_stream_stays_open_across_keepalives(srv: ApiServer,
+                                                        job_cfg: dict[str, Any]) -> None:
+    """A queued job's stream sends nothing but keep-alives: it must stay open (each one is a
+    blocking XREAD longer than redis-py's default socket timeout) with no server error."""
+    import time
+
+    with srv.client("tok-a") as a:
+        job = create(a, job_cfg).json()
+        assert job["state"] == "queued"
+        keepalives, kinds = 0, []
+        t0 = time.monotonic()
+        with a.stream("GET", f"/v1/jobs/{job['id']}/events",
+                      timeout=SSE_KEEPALIVE_S * 3) as r:
+            for line in r.iter_lines():
+                if line.startswith("event: "):
+                    kinds.append(line[7:])
+                if line.startswith(": keep-alive"):
+                    keepalives += 1
+                    if keepalives == 3:
+                        break
+        assert time.monotonic() - t0 >= 2.5 * SSE_KEEPALIVE_S
+        assert kinds == ["state"]
+        assert a.post(f"/v1/jobs/{job['id']}/cancel").json()["state"] == "cancelled"
+    log = srv.tail(200_000)
+    assert "Exception in ASGI application" not in log and "Timeout reading" not in log, log[-3000:]

@@ -94,3 +94,5 @@ def test_whole_lifecycle_through_rest(srv: ApiServer, job: dict[str, Any]) -> No
         assert any("stage 0: sft" in line for line in lines)
         assert any(f"job {job['id']} succeeded" in line for line in lines)
         assert final["finished_at"] >= final["started_at"] >= final["created_at"]
+        # The view ends on the last stage's last step, not where progress polling stopped.
+        assert (final["stage"], final["step"], final["total_steps"]) == ("grpo1", 3, 3), final

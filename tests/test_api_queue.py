@@ -3,9 +3,15 @@ jobs, CPUs and GPUs; priority, then FIFO; no overtaking; positions per tenant.""
 
 from __future__ import annotations
 
+import json
+import time
+from pathlib import Path
 from typing import Any
 
+import pytest
+
 from services.api.settings import Quota
+from services.jobs.launcher import RayLauncher
 from services.jobs.queue import admit, fits_at_all, needs, positions
 
 
@@ -41,3 +47,184 @@ def test_a_job_larger_than_the_quota_is_refused_up_front() -> None:
     assert fits_at_all((3, 0), Quota(cpus=2)) is not None
     assert fits_at_all((1, 2), Quota(gpus=1)) is not None
     assert fits_at_all((3, 2), Quota()) is None
+
+
+# -- on a real Redis ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def store(redis_url: str) -> Any:
+    from services.jobs.store import JobStore
+
+    st = JobStore.from_url(redis_url)
+    st.r.flushdb()
+    return st
+
+
+def make(store: Any, i: int, tenant: str = "t", priority: int = 0) -> str:
+    job_id = f"j{i:04d}"
+    store.create({"id": job_id, "tenant": tenant, "name": "n", "state": "queued",
+                  "priority": priority, "config": {"big": "x" * 1000}, "cpus": 2.0,
+                  "gpus": 0.0, "attempt": 0})
+    return job_id
+
+
+def redis_positions(store: Any) -> dict[str, int]:
+    views = store.views(store.get_many(sorted(store.r.smembers("nebula:api:active"))))
+    return {v["id"]: v["queue_position"] for v in views if v["state"] == "queued"}
+
+
+def test_queue_sets_follow_priority_fifo_cancel_and_requeue(store: Any) -> None:
+    from services.jobs.keys import ACTIVE
+
+    ids = [make(store, i, tenant="t" if i % 3 else "u", priority=(5 if i == 4 else 0))
+           for i in range(1, 10)]
+    assert redis_positions(store) == positions(store.active_records())
+    assert redis_positions(store)["j0004"] == 1
+    store.transition(ids[1], ACTIVE, "cancelled")
+    store.transition(ids[0], {"queued"}, "starting")
+    assert ids[0] not in redis_positions(store) and ids[1] not in redis_positions(store)
+    assert redis_positions(store) == positions(store.active_records())
+    store.transition(ids[1], {"cancelled"}, "queued", requeue=True)  # a resume: last in line
+    pos = redis_positions(store)
+    assert pos == positions(store.active_records())
+    assert pos[ids[1]] == max(p for i, p in pos.items() if store.get(i)["tenant"] == "t")
+    # The views of a GET and a list page agree with the decoded views.
+    for job_id in ids:
+        whole = store.view(store.get(job_id))
+        assert json.loads(store.view_json(job_id, None)) == whole
+        assert json.loads(store.view_json(job_id, whole["tenant"])) == whole
+        assert store.view_json(job_id, "someone-else") is None
+    assert [json.loads(v) for v in store.views_json(ids)] == store.views(store.get_many(ids))
+    # Records from before the queue sets existed: an API start rebuilds them.
+    for k in store.r.keys("nebula:api:tenant:*:queue"):
+        store.r.delete(k)
+    assert store.rebuild_queues() == len(pos)
+    assert redis_positions(store) == pos
+
+
+def test_queue_position_reads_stay_flat_with_many_active_jobs(store: Any) -> None:
+    """A status read costs the same with 3 or 300 queued jobs (no scan of the active set)."""
+    from services.jobs.keys import ApiKeys
+
+    for i in range(300):
+        make(store, i)
+    assert store.r.zcard(ApiKeys.tenant_queue("t")) == 300
+    calls = []
+    orig = store.r.execute_command
+
+    def counting(*args: Any, **kw: Any) -> Any:
+        calls.append(args[0])
+        return orig(*args, **kw)
+
+    store.r.execute_command = counting  # type: ignore[method-assign]
+    view = json.loads(store.view_json("j0299", "t"))
+    assert view["queue_position"] == 300
+    assert calls == []  # everything went through the one pipeline
+
+
+class FlakyLauncher:
+    """Ray's job head refusing submissions for a while, as right after it started."""
+
+    def __init__(self, fails: int, error: str) -> None:
+        self.fails, self.error, self.submitted = fails, error, []
+
+    @staticmethod
+    def ray_job_id(job_id: str, attempt: int) -> str:
+        return job_id
+
+    def submit(self, job_id: str, attempt: int) -> str:
+        if self.fails:
+            self.fails -= 1
+            raise RuntimeError(self.error)
+        self.submitted.append(job_id)
+        return job_id
+
+    def status(self, ray_job_id: str) -> Any:
+        from services.jobs.launcher import RayStatus
+
+        return RayStatus("RUNNING" if ray_job_id in self.submitted else None)
+
+    retryable = staticmethod(RayLauncher.retryable)
+    already_submitted = staticmethod(RayLauncher.already_submitted)
+
+
+NO_AGENT = ("Request failed with status code 500: No available agent to submit job, please "
+            "try again later.")
+
+
+def service(store: Any, launcher: Any, tmp_path: Path, retry_s: float = 60.0) -> Any:
+    from services.api.settings import ApiConfig
+    from services.jobs.service import JobService
+
+    return JobService(ApiConfig(work_dir=str(tmp_path), submit_retry_s=retry_s), store, launcher)
+
+
+def test_a_passing_submit_error_is_retried_not_fatal(store: Any, tmp_path: Path) -> None:
+    launcher = FlakyLauncher(2, NO_AGENT)
+    svc = service(store, launcher, tmp_path)
+    job = make(store, 1)
+    svc.schedule()
+    rec = store.get(job)
+    assert rec["state"] == "starting" and rec["submit_retry"]["tries"] == 1
+    svc.reconcile()  # not in Ray yet: reconciliation leaves it alone
+    assert store.get(job)["state"] == "starting"
+    deadline = time.monotonic() + 10
+    while not launcher.submitted and time.monotonic() < deadline:
+        time.sleep(0.1)
+        svc.schedule()
+    assert launcher.submitted == [job]
+    rec = store.get(job)
+    assert rec["state"] == "starting" and rec["submit_retry"] is None
+    assert any("retrying" in x for x in store.read_logs(job, None, 100)[0])
+
+
+def test_submit_errors_fail_the_job_when_permanent_or_too_long(store: Any, tmp_path: Path) -> None:
+    svc = service(store, FlakyLauncher(1, "Request failed with status code 400: bad "
+                                       "runtime_env"), tmp_path)
+    job = make(store, 1)
+    svc.schedule()
+    rec = store.get(job)
+    assert rec["state"] == "failed" and "bad runtime_env" in rec["error"]
+    svc = service(store, FlakyLauncher(1000, NO_AGENT), tmp_path, retry_s=1.0)
+    job = make(store, 2)
+    deadline = time.monotonic() + 20
+    while store.get(job)["state"] == "starting" or store.get(job)["state"] == "queued":
+        assert time.monotonic() < deadline
+        svc.schedule()
+        time.sleep(0.2)
+    rec = store.get(job)
+    assert rec["state"] == "failed" and "No available agent" in rec["error"]
+    assert "gave up after" in rec["error"]
+
+
+def test_reporter_shows_each_stage_end_and_steps_from_metrics(store: Any, tmp_path: Path) -> None:
+    """Progress polls that miss a stage's last steps: the runner's summary and the metrics
+    stream still bring the record to the stage's end; nothing ever goes back."""
+    from nebula.transport.pacing import JobKeys
+    from services.jobs.process import Reporter
+
+    job = make(store, 1)
+
+    class Runner:
+        summary: dict[str, Any] = {"stages": [], "evals": []}
+
+    rep = Reporter(store, job, tmp_path / "ck", [20, 4])
+    rep.runner = Runner()
+    rep({"stage": "sft0", "step": 13, "total": 20})
+    assert (store.get(job)["stage"], store.get(job)["step"]) == ("sft0", 13)
+    Runner.summary["stages"].append({"stage": "sft0", "steps": 20})
+    rep.tick()
+    rec = store.get(job)
+    assert (rec["stage"], rec["step"], rec["total_steps"]) == ("sft0", 20, 20)
+    rep({"stage": "sft0", "step": 19, "total": 20})  # a late poll
+    assert store.get(job)["step"] == 20
+    # The learner's metrics rows count every stage's steps: global 22 = grpo1 step 2.
+    store.r.xadd(JobKeys(job).metrics, {"m": json.dumps({"stage": "grpo1", "step": 22})})
+    rep.tick()
+    rec = store.get(job)
+    assert (rec["stage"], rec["step"], rec["total_steps"]) == ("grpo1", 2, 4)
+    Runner.summary["stages"].append({"stage": "grpo1", "steps": 4})
+    rep.finish(Runner.summary)
+    view = store.view(store.get(job))
+    assert (view["stage"], view["step"], view["total_steps"]) == ("grpo1", 4, 4)

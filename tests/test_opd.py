@@ -14,6 +14,7 @@ import torch
 
 from learner.batch import collate
 from learner.losses import grpo_loss, opd_token_advantages, reverse_kl
+from learner.losses.opd import group_baseline
 from learner.toy_model import build_toy_model
 from nebula.config.job import JobConfig, MOPDStage, OPDStage, ToyModelConfig
 from nebula.config.load import ConfigError, load_model
@@ -36,6 +37,11 @@ def test_opd_advantage_hand_made_case() -> None:
     assert opd_token_advantages(student, teacher, outcome_advantage=1.0, alpha=0.5) == \
         pytest.approx([1.0, -0.5, 0.5])
     assert reverse_kl(student, teacher) == pytest.approx((-0.5 + 1.0 + 0.0) / 3)
+    # a baseline shifts every token alike
+    assert opd_token_advantages(student, teacher, baseline=-0.5) == pytest.approx([1.0, -0.5, 0.5])
+    # the group baseline is the mean log-ratio over all tokens of the prompt's samples
+    assert group_baseline([[0.5, -1.0, 0.0], [1.5]]) == pytest.approx(0.25)
+    assert group_baseline([]) == 0.0
     with pytest.raises(ValueError, match="2 student log-probs for 3 teacher"):
         opd_token_advantages([-1.0, -1.0], teacher)
 
@@ -90,6 +96,12 @@ def test_record_carries_token_advantages_and_lineage() -> None:
                      verdicts=[_verdict(1.0), _verdict(0.0)], version=3, ticket=0, step=0,
                      worker="w", teacher=scores, alpha=0.5)
     assert list(g2.samples[0].token_advantages) == pytest.approx([1.0, 0.0], abs=1e-5)
+    # the group baseline: the mean of the three log-ratios (0.5, -0.5, -1.0) is -1/3
+    g3 = build_group(job_id="j", stage="opd1", row=row, samples=samples,
+                     verdicts=[_verdict(1.0), _verdict(0.0)], version=3, ticket=0, step=0,
+                     worker="w", teacher=scores, baseline="group")
+    assert list(g3.samples[0].token_advantages) == pytest.approx([0.5 + 1 / 3, -0.5 + 1 / 3])
+    assert list(g3.samples[1].token_advantages) == pytest.approx([-1.0 + 1 / 3])
 
 
 # -- routing -------------------------------------------------------------------------------------

@@ -75,6 +75,10 @@ class OPDStage(Strict):
     alpha: float = Field(0.0, ge=0, description="Weight of the verifier's group-normalised "
                          "outcome advantage added to the per-token reverse-KL advantage "
                          "log pi_teacher - log pi_student (0: pure distillation).")
+    baseline: Literal["none", "group"] = Field(
+        "group", description="Variance reduction: group = subtract the mean per-token "
+        "log-ratio of the prompt's samples (the GRPO-style group baseline; the expected "
+        "gradient is unchanged), none = the raw log-ratio.")
 
 
 class MOPDStage(Strict):
@@ -85,6 +89,7 @@ class MOPDStage(Strict):
     routing: dict[str, str] = Field(..., min_length=1, description="Domain tag -> teacher name. "
                                     "Every domain of the training prompts must be listed.")
     alpha: float = Field(0.0, ge=0, description="As in `opd`: weight of the outcome advantage.")
+    baseline: Literal["none", "group"] = Field("group", description="As in `opd`.")
 
 
 Stage = Annotated[Union[SFTStage, GRPOStage, OPDStage, MOPDStage], Field(discriminator="type")]

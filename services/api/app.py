@@ -100,7 +100,11 @@ def create_app(cfg: ApiConfig) -> FastAPI:
         await anyio.to_thread.run_sync(stack.start)
         app.state.stack = stack
         app.state.service = stack.service
-        app.state.aredis = aredis.Redis.from_url(stack.redis_url, decode_responses=True)
+        # The event streams block in XREAD for up to sse_keepalive_s: the socket read
+        # timeout must outlast that (redis-py's default of 5 s broke idle streams).
+        app.state.aredis = aredis.Redis.from_url(
+            stack.redis_url, decode_responses=True, socket_timeout=cfg.sse_keepalive_s + 15,
+            socket_connect_timeout=10, health_check_interval=30)
         try:
             yield
         finally:

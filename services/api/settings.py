@@ -54,8 +54,16 @@ class ApiConfig(Strict):
     quotas: dict[str, Quota] = Field(default_factory=dict, description="Tenant -> quota.")
     default_quota: Quota = Field(default_factory=Quota, description="Quota of tenants not in "
                                  "`quotas`.")
+    access_log: bool = Field(True, description="Log every request (uvicorn's access log); "
+                             "off saves CPU under heavy polling.")
     max_body_bytes: int = Field(1 << 20, gt=0, description="Largest request body (413 above).")
     poll_s: float = Field(2.0, gt=0, description="How often the scheduler checks Ray.")
+    submit_retry_s: float = Field(120.0, ge=0, description="How long a job stays `starting` "
+                                  "while Ray refuses its submission for a passing reason (no "
+                                  "job agent yet, Ray's HTTP server unreachable), retried with "
+                                  "backoff; then it fails with the reason.")
+    sse_keepalive_s: float = Field(15.0, gt=0, description="Idle time after which an event "
+                                   "stream sends a keep-alive comment.")
     stop_local_on_shutdown: bool = Field(True, description="Stop the embedded Ray and Redis "
                                          "when the API stops with no job active (they are "
                                          "kept while jobs run, so an API restart reattaches).")

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
+from redis.exceptions import TimeoutError as RedisTimeout
 
 from services.jobs.keys import TERMINAL, RecordKeys
 from services.jobs.store import JobStore, metric_point, valid_stream_id
@@ -57,8 +58,11 @@ async def job_events(store: JobStore, aredis: Any, job_id: str, last_id: str | N
                     yield frame("end", view or {"id": job_id}, ",".join(pos))
                     return
             else:
-                got = await aredis.xread(dict(zip(names, pos)), count=500,
-                                         block=int(keepalive_s * 1000))
+                try:
+                    got = await aredis.xread(dict(zip(names, pos)), count=500,
+                                             block=int(keepalive_s * 1000))
+                except RedisTimeout:  # the client's socket timeout is above the block
+                    got = None  # time (app.py); should it still fire, the stream goes on
                 if not got:
                     yield ": keep-alive\n\n"
                     continue

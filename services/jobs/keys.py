@@ -17,9 +17,18 @@ class ApiKeys:
     active = f"{PREFIX}:active"  # set of ids not yet terminal (scheduler, reconciliation)
     seq = f"{PREFIX}:seq"  # counter: creation and queue order
 
+    tenant_prefix = f"{PREFIX}:tenant:"
+    record_prefix = f"{PREFIX}:job:"
+
     @staticmethod
     def tenant_jobs(tenant: str) -> str:
         return f"{PREFIX}:tenant:{tenant}:jobs"
+
+    @staticmethod
+    def tenant_queue(tenant: str) -> str:
+        """zset of the tenant's queued ids, by (-priority, queue seq): ZRANK is the position.
+        The store's Lua scripts build this name from tenant_prefix: keep them in step."""
+        return f"{PREFIX}:tenant:{tenant}:queue"
 
     @staticmethod
     def idempotency(tenant: str, key_hash: str) -> str:
@@ -31,7 +40,7 @@ class RecordKeys:
 
     def __init__(self, job_id: str) -> None:
         self.id = job_id
-        self.record = f"{PREFIX}:job:{job_id}"  # hash of string fields
+        self.record = f"{ApiKeys.record_prefix}{job_id}"  # hash of string fields
         self.events = f"{self.record}:events"  # stream: type, data (state/eval events)
         self.logs = f"{self.record}:logs"  # stream: line
         stack = JobKeys(job_id)

@@ -5,6 +5,7 @@ the embedded Ray head that `nebula serve` starts itself."""
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import sys
 from dataclasses import dataclass
@@ -59,6 +60,22 @@ class RayLauncher:
                                runtime_env={"env_vars": env},
                                metadata={"nebula_job_id": job_id, "attempt": str(attempt)})
         return sid
+
+    @staticmethod
+    def retryable(e: BaseException) -> bool:
+        """A submission error that passes: the head has no job agent yet (right after it
+        started), or its HTTP server is unreachable, overloaded or timed out."""
+        text = str(e)
+        if "No available agent" in text or "try again later" in text:
+            return True
+        if re.search(r"status code (502|503|504)\b", text):
+            return True
+        # requests' ConnectionError and Timeout are OSErrors (IOError).
+        return isinstance(e, (OSError, TimeoutError))
+
+    @staticmethod
+    def already_submitted(e: BaseException) -> bool:
+        return "already exists" in str(e)
 
     def status(self, ray_job_id: str) -> RayStatus:
         try:

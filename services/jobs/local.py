@@ -152,8 +152,34 @@ class LocalRay(_Detached):
 
         try:
             # The job-submission module answers last.
-            return httpx.get(f"{state['dashboard']}/api/jobs/", timeout=3).status_code == 200
+            if httpx.get(f"{state['dashboard']}/api/jobs/", timeout=3).status_code != 200:
+                return False
         except (httpx.HTTPError, KeyError):
+            return False
+        return self._job_agent_ready(state)
+
+    @staticmethod
+    def _job_agent_ready(state: dict[str, Any]) -> bool:
+        """The head's job agent has registered: before that the dashboard answers, but every
+        submission fails with "No available agent to submit job". The dashboard looks the
+        agent up the same way (head node id, then the agent's address in the GCS KV)."""
+        try:
+            from ray._private import ray_constants as rc
+            from ray._raylet import GcsClient
+            from ray.dashboard.consts import DASHBOARD_AGENT_ADDR_NODE_ID_PREFIX
+        except ImportError:  # another Ray layout: submissions retry instead (JobService)
+            return True
+        try:
+            gcs = GcsClient(address=state["gcs_address"])
+            head = gcs.internal_kv_get(rc.KV_HEAD_NODE_ID_KEY, namespace=rc.KV_NAMESPACE_JOB,
+                                       timeout=3)
+            if not head:
+                return False
+            key = f"{DASHBOARD_AGENT_ADDR_NODE_ID_PREFIX}{head.decode()}".encode()
+            return bool(gcs.internal_kv_get(key, namespace=rc.KV_NAMESPACE_DASHBOARD, timeout=3))
+        except KeyError:
+            return True  # a state file from before gcs_address was kept: as before
+        except Exception:  # noqa: BLE001 - GCS not up yet, or an unknown Ray version
             return False
 
     def _spawn(self) -> dict[str, Any]:

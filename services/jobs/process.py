@@ -85,46 +85,136 @@ def scan_checkpoints(ck_dir: Path) -> list[dict[str, Any]]:
     return sorted(out, key=lambda c: (c["kind"] == "export", c["time"]))
 
 
-class Reporter:
-    """The runner's progress callback: writes what changed into the record."""
+STAGE_NAME = re.compile(r"^[a-z_]+(\d+)$")  # sft0, grpo1, opd2, ...
 
-    def __init__(self, store: JobStore, job_id: str, ck_dir: Path) -> None:
+
+def stage_index(name: str | None) -> int | None:
+    m = STAGE_NAME.match(name or "")
+    return int(m.group(1)) if m else None
+
+
+class Reporter:
+    """Writes what changed into the record: stage/step/total, checkpoints, evals. Fed by
+    the runner's progress callback (the learner's status, polled while a stage trains) and
+    by its own watcher thread, which catches what polling misses: a stage's end (from the
+    runner's summary) and steps seen only in the learner's metrics stream. Stage/step only
+    ever advance, so a late poll never shows an earlier step."""
+
+    def __init__(self, store: JobStore, job_id: str, ck_dir: Path,
+                 stage_steps: list[int] | None = None) -> None:
         self.store, self.job_id, self.ck_dir = store, job_id, ck_dir
+        self.stage_steps = list(stage_steps or [])  # steps of each configured stage
         self.stage: str | None = None
         self.step = -1
+        self.pos: tuple[int, int] = (-1, -1)  # (stage index, step) the record shows
+        self.ended = 0  # stages of the runner's summary already written
         self.checkpoints: list[dict[str, Any]] = []
         self.evals: list[dict[str, Any]] = []
         self._scanned = 0.0
         self.runner: Any = None
+        self._lock = threading.RLock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
 
     def __call__(self, status: dict[str, Any]) -> None:
-        stage, step = status.get("stage") or None, int(status.get("step") or 0)
-        changed = stage != self.stage
-        if changed or step != self.step:
-            self.stage, self.step = stage, step
-            self.store.update(self.job_id, stage=stage, step=step,
-                              total_steps=status.get("total"))
-        changed |= self.sync()
-        if changed:
-            self.store.emit_state(self.job_id)
+        with self._lock:
+            changed = self.set_step(status.get("stage") or None, int(status.get("step") or 0),
+                                    status.get("total"))
+            changed |= self.sync()
+            if changed:
+                self.store.emit_state(self.job_id)
+
+    def _total(self, idx: int) -> int | None:
+        return self.stage_steps[idx] if 0 <= idx < len(self.stage_steps) else None
+
+    def set_step(self, stage: str | None, step: int, total: Any = None) -> bool:
+        """Write stage/step/total if they are ahead of what the record shows."""
+        idx = stage_index(stage)
+        if idx is None:
+            return False
+        with self._lock:
+            if (idx, step) <= self.pos:
+                return False
+            self.stage, self.step, self.pos = stage, step, (idx, step)
+            total = int(total) if total else self._total(idx)
+            self.store.update(self.job_id, stage=stage, step=step, total_steps=total)
+            return True
+
+    def stage_ends(self) -> bool:
+        """The final step of each stage the runner has finished (its summary's stages)."""
+        stages = list(self.runner.summary.get("stages", [])) if self.runner else []
+        changed = False
+        for res in stages[self.ended:]:
+            name = res.get("stage")
+            steps = res.get("steps", res.get("stopped_at"))
+            idx = stage_index(name)
+            if idx is not None and steps is not None:
+                changed |= self.set_step(name, int(steps), self._total(idx) or steps)
+        self.ended = len(stages)
+        return changed
+
+    def from_metrics(self) -> bool:
+        """Stage and step from the learner's newest metrics row (its `step` counts every
+        stage's steps: the stage's own step is that minus the earlier stages' steps)."""
+        latest = self.store.latest_metrics(self.job_id)
+        name, gstep = latest.get("stage"), latest.get("step")
+        idx = stage_index(name)
+        if idx is None or not isinstance(gstep, int) or idx >= len(self.stage_steps):
+            return False
+        step = min(max(gstep - sum(self.stage_steps[:idx]), 0), self.stage_steps[idx])
+        return self.set_step(name, step, self.stage_steps[idx])
+
+    def tick(self) -> None:
+        """One watcher pass."""
+        with self._lock:
+            changed = self.stage_ends()
+            changed |= self.from_metrics()
+            changed |= self.sync()
+            if changed:
+                self.store.emit_state(self.job_id)
+
+    def start(self, every_s: float = 2.0) -> None:
+        def loop() -> None:
+            while not self._stop.wait(every_s):
+                try:
+                    self.tick()
+                except Exception:  # noqa: BLE001 - progress is best effort
+                    pass
+
+        self._thread = threading.Thread(target=loop, name="nebula-reporter", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join(timeout=10)
+
+    def finish(self, summary: dict[str, Any]) -> None:
+        """At success: every stage's end is written (the last one shows), and everything
+        else found (checkpoints, evals)."""
+        self.stop()
+        with self._lock:
+            self.stage_ends()
+            self.sync(force=True)
 
     def sync(self, force: bool = False) -> bool:
         """Record new checkpoints and evals; True if anything changed."""
         changed = False
-        if force or time.monotonic() - self._scanned > 2.0:
-            self._scanned = time.monotonic()
-            found = scan_checkpoints(self.ck_dir)
-            if [c["path"] for c in found] != [c["path"] for c in self.checkpoints]:
-                self.checkpoints = found
-                self.store.update(self.job_id, checkpoints=found)
+        with self._lock:
+            if force or time.monotonic() - self._scanned > 2.0:
+                self._scanned = time.monotonic()
+                found = scan_checkpoints(self.ck_dir)
+                if [c["path"] for c in found] != [c["path"] for c in self.checkpoints]:
+                    self.checkpoints = found
+                    self.store.update(self.job_id, checkpoints=found)
+                    changed = True
+            evals = list(self.runner.summary.get("evals", [])) if self.runner else []
+            if len(evals) > len(self.evals):
+                for e in evals[len(self.evals):]:
+                    self.store.emit(self.job_id, "eval", e)
+                self.evals = evals
+                self.store.update(self.job_id, evals=evals)
                 changed = True
-        evals = list(self.runner.summary.get("evals", [])) if self.runner else []
-        if len(evals) > len(self.evals):
-            for e in evals[len(self.evals):]:
-                self.store.emit(self.job_id, "eval", e)
-            self.evals = evals
-            self.store.update(self.job_id, evals=evals)
-            changed = True
         return changed
 
 
@@ -174,11 +264,13 @@ def run(job_id: str, redis_url: str, work_dir: Path) -> int:
             _clear_stage_keys(store, job_id)
         from services.runner import JobRunner
 
-        reporter = Reporter(store, job_id, Path(cfg.checkpoint.dir))
+        reporter = Reporter(store, job_id, Path(cfg.checkpoint.dir),
+                            [int(st.steps) for st in cfg.stages])
         runner = JobRunner(cfg, job_id, progress=reporter, log=print)
         reporter.runner = runner
+        reporter.start()
         summary = runner.run()
-        reporter.sync(force=True)
+        reporter.finish(summary)
         store.transition(job_id, ACTIVE, "succeeded", result=_summary(summary))
         print(f"job {job_id} succeeded in {summary.get('wall_s', 0):.1f}s")
         return 0
@@ -198,6 +290,8 @@ def run(job_id: str, redis_url: str, work_dir: Path) -> int:
         store.transition(job_id, ACTIVE, "failed", error=f"{type(e).__name__}: {e}"[:2000])
         return 1
     finally:
+        if reporter:
+            reporter.stop()
         for s in (sys.stdout, sys.stderr):
             s.flush()
 

@@ -157,23 +157,55 @@ class JobService:
     # -- scheduling and reconciliation ----------------------------------------------------
 
     def schedule(self) -> None:
-        """Start the queued jobs the quotas admit now."""
+        """Start the queued jobs the quotas admit now (and retry submissions that Ray
+        refused for a passing reason)."""
         with self._lock:
-            for job_id in queue.admit(self.store.active_records(), self.cfg.quota):
-                rec = self.store.get(job_id)
-                if rec is None:
-                    continue
+            active = self.store.active_records()
+            for rec in active:
+                retry = rec.get("submit_retry")
+                if rec["state"] == "starting" and retry and retry["next"] <= time.time():
+                    self._submit(rec, retry)
+            for job_id in queue.admit(active, self.cfg.quota):
+                rec = next(r for r in active if r["id"] == job_id)
                 sid = self.launcher.ray_job_id(job_id, int(rec.get("attempt", 0)))
                 # Record the Ray job id before submitting: a crash between the two leaves a
                 # `starting` job that reconciliation finds missing in Ray and fails.
-                if not self.store.transition(job_id, {"queued"}, "starting", ray_job_id=sid):
+                if not self.store.transition(job_id, {"queued"}, "starting", ray_job_id=sid,
+                                             submit_retry=None):
                     continue
-                try:
-                    self.launcher.submit(job_id, int(rec.get("attempt", 0)))
-                except Exception as e:  # noqa: BLE001 - the record says why
-                    log.exception("submitting %s to Ray failed", job_id)
-                    self.store.transition(job_id, {"starting"}, "failed",
-                                          error=f"submitting to Ray failed: {e}"[:2000])
+                self._submit(rec, None)
+
+    def _submit(self, rec: dict[str, Any], retry: dict[str, Any] | None) -> None:
+        """Submit a `starting` job to Ray. A passing refusal (no job agent yet, Ray's HTTP
+        server unreachable or busy) is retried with backoff for `submit_retry_s` (the job
+        stays `starting`, so it keeps its quota); anything else, or too long, fails it."""
+        job_id, attempt = rec["id"], int(rec.get("attempt", 0))
+        now = time.time()
+        since = retry["since"] if retry else now
+        tries = retry["tries"] if retry else 0
+        try:
+            self.launcher.submit(job_id, attempt)
+        except Exception as e:  # noqa: BLE001 - the record says why
+            if tries and self.launcher.already_submitted(e):
+                pass  # an earlier try reached Ray after all (its answer was lost)
+            else:
+                why = f"submitting to Ray failed: {e}"[:2000]
+                if self.launcher.retryable(e) and now - since < self.cfg.submit_retry_s:
+                    delay = min(0.5 * 2 ** tries, 10.0)
+                    log.warning("%s (try %d); retrying in %.1fs: %s", job_id, tries + 1, delay, e)
+                    self.store.update(job_id, submit_retry={
+                        "since": since, "tries": tries + 1, "next": now + delay, "error": why})
+                    self.store.log(job_id, f"[api] {why}; retrying in {delay:.1f}s")
+                    return
+                log.error("submitting %s to Ray failed (try %d): %s", job_id, tries + 1, e)
+                if tries:
+                    why += f" (gave up after {tries + 1} tries in {now - since:.0f}s)"
+                self.store.transition(job_id, {"starting"}, "failed", error=why,
+                                      submit_retry=None)
+                return
+        if retry:
+            self.store.update(job_id, submit_retry=None)
+            self.store.log(job_id, f"[api] submitted to Ray after {tries + 1} tries")
 
     def reconcile(self) -> None:
         """Fix records of launched jobs whose Ray job ended without the job saying so
@@ -186,6 +218,8 @@ class JobService:
         for rec in self.store.active_records():
             if rec["state"] not in LAUNCHED or not rec.get("ray_job_id"):
                 continue
+            if rec.get("submit_retry"):
+                continue  # not in Ray yet: schedule() retries the submission
             st = self.launcher.status(rec["ray_job_id"])
             if not st.terminal:
                 continue
@@ -205,6 +239,7 @@ class JobService:
             self.schedule()
 
     def start(self) -> None:
+        self.store.rebuild_queues()  # records written before the queues existed, if any
         self.reconcile()
         self.schedule()
         self._thread = threading.Thread(target=self._loop, name="nebula-scheduler", daemon=True)
