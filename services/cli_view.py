@@ -79,7 +79,8 @@ def follow_progress(client: Any, job_id: str) -> int:
     with Progress(TextColumn("[bold]{task.fields[stage]}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), TextColumn("{task.fields[info]}"), console=console) as bar:
         tasks: dict[str, Any] = {}
-        counts: dict[str, int] = {}
+        counts: dict[str, int] = {}  # metrics rows seen per stage
+        steps: dict[str, int] = {}  # the step the record showed per stage
 
         def task(stage: str) -> Any:
             if stage not in tasks:
@@ -91,7 +92,11 @@ def follow_progress(client: Any, job_id: str) -> int:
                 final = data
                 stage = data.get("stage")
                 if stage and data.get("total_steps"):
-                    bar.update(task(stage), total=data["total_steps"])
+                    # The record's step is exact at each stage end (metrics rows may be
+                    # fewer, e.g. a resumed stage).
+                    steps[stage] = max(steps.get(stage, 0), int(data.get("step") or 0))
+                    bar.update(task(stage), total=data["total_steps"],
+                               completed=max(counts.get(stage, 0), steps[stage]))
                 if kind == "state" and data.get("state") in ("queued", "starting"):
                     pos = data.get("queue_position")
                     bar.console.print(f"{job_id}: {data['state']}"
@@ -99,7 +104,8 @@ def follow_progress(client: Any, job_id: str) -> int:
             elif kind == "metrics" and data.get("stage"):
                 stage = data["stage"]
                 counts[stage] = counts.get(stage, 0) + 1
-                bar.update(task(stage), completed=counts[stage], info=_metrics(data))
+                bar.update(task(stage), completed=max(counts[stage], steps.get(stage, 0)),
+                           info=_metrics(data))
             elif kind == "log":
                 bar.console.print(data["line"], markup=False, highlight=False)
             elif kind == "eval":

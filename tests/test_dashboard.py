@@ -31,9 +31,9 @@ TERMINAL = {"succeeded", "failed", "cancelled"}
 def _need_browser() -> None:
     if not os.access(CHROMIUM, os.X_OK):
         pytest.skip(f"no Chromium at {CHROMIUM} (Debian package `chromium`)")
-    try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError:
+    import importlib.util
+
+    if importlib.util.find_spec("playwright") is None:
         pytest.skip("the `playwright` package is not installed (pip install playwright)")
 
 

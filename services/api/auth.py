@@ -35,9 +35,9 @@ def _lookup(cfg: ApiConfig, token: str) -> Principal | None:
     return Principal(tenant, False) if tenant else None
 
 
-def principal(request: Request,
-              creds: HTTPAuthorizationCredentials | None = Depends(bearer),
-              qtoken: str | None = Depends(query_token)) -> Principal:
+async def principal(request: Request,
+                    creds: HTTPAuthorizationCredentials | None = Depends(bearer),
+                    qtoken: str | None = Depends(query_token)) -> Principal:
     cfg: ApiConfig = request.app.state.cfg
     token = creds.credentials if creds else (qtoken if request.method == "GET" else None)
     who = _lookup(cfg, token) if token else None

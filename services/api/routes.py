@@ -25,7 +25,8 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-def service(request: Request) -> JobService:
+async def service(request: Request) -> JobService:
+    # async: FastAPI runs a sync dependency in a worker thread (a hop per request).
     return request.app.state.service
 
 
