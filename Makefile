@@ -22,7 +22,10 @@ $(STAMP): pyproject.toml scripts/setup.sh
 
 bench: $(STAMP)
 	$(PY) bench/verifier.py
+	$(PY) bench/teacher.py
+	$(PY) bench/api.py
 	$(PY) bench/e2e.py
+	$(PY) bench/opd_vs_grpo.py
 
 proto: $(STAMP)
 	$(PY) -m nebula.protogen
