@@ -95,6 +95,18 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def resolve_backend(backend: str, device: str) -> str:
+    """`auto`: vllm on cuda when vLLM is installed, else transformers."""
+    if backend != "auto":
+        return backend
+    if device.startswith("cuda"):
+        import importlib.util
+
+        if importlib.util.find_spec("vllm") is not None:
+            return "vllm"
+    return "transformers"
+
+
 class HostedTeacher:
     """One teacher model held in memory; `score` is blocking (run it off the event loop)."""
 
@@ -116,16 +128,31 @@ class HostedTeacher:
         except Exception as e:  # noqa: BLE001 - any loader error, reported with the field
             raise TeacherLoadError(f"{field}.path: cannot load the tokenizer of {path}: {e}") from e
         self.dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
+        self.backend = resolve_backend(cfg.backend, self.device)
+        self.vllm: Any = None
+        self.model: Any = None
         try:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype)
+            if self.backend == "vllm":
+                from transformers import AutoConfig
+
+                from teacher.vllm_backend import VLLMScorer
+
+                mcfg = AutoConfig.from_pretrained(path)
+                text_cfg = mcfg.get_text_config() if hasattr(mcfg, "get_text_config") else mcfg
+                self.vllm = VLLMScorer(path, cfg.dtype, self.device,
+                                       getattr(text_cfg, "max_position_embeddings", None))
+                self.vocab_size = int(text_cfg.vocab_size)
+            else:
+                model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype)
+                self.model = model.to(self.device).eval()
+                mcfg = self.model.config
+                text_cfg = mcfg.get_text_config() if hasattr(mcfg, "get_text_config") else mcfg
+                out_emb = self.model.get_output_embeddings()
+                self.vocab_size = int(out_emb.weight.shape[0] if out_emb is not None
+                                      else text_cfg.vocab_size)
         except Exception as e:  # noqa: BLE001
-            raise TeacherLoadError(f"{field}.path: cannot load the model at {path}: {e}") from e
-        self.model = model.to(self.device).eval()
-        mcfg = self.model.config
-        text_cfg = mcfg.get_text_config() if hasattr(mcfg, "get_text_config") else mcfg
-        out_emb = self.model.get_output_embeddings()
-        self.vocab_size = int(out_emb.weight.shape[0] if out_emb is not None
-                              else text_cfg.vocab_size)
+            raise TeacherLoadError(f"{field}.path: cannot load the model at {path} with "
+                                   f"{self.backend}: {e}") from e
         self.max_positions: int | None = getattr(text_cfg, "max_position_embeddings", None)
         self.fingerprint = tokenizer_fingerprint(self.tokenizer)
         self.version = cfg.version or (weights_version(path)
@@ -133,7 +160,7 @@ class HostedTeacher:
         self.max_batch_tokens = cfg.max_batch_tokens
         self._pad_id = 0
         self.forward_passes = 0
-        params = inspect.signature(self.model.forward).parameters
+        params = inspect.signature(self.model.forward).parameters if self.model else {}
         self._logits_to_keep = "logits_to_keep" in params
         self._position_ids = "position_ids" in params
 
@@ -181,6 +208,10 @@ class HostedTeacher:
         lens = [(len(p), len(c)) for p, c in seqs]
         if any(p < 1 or c < 1 for p, c in lens):
             raise ValueError("every sequence needs a non-empty prompt and completion")
+        if self.vllm is not None:
+            return [SeqScore(_frozen(t), None if i is None else _frozen(i),
+                             None if v is None else _frozen(v))
+                    for t, i, v in self.vllm.forward(seqs, top_k)]
         b, t = len(seqs), max(p + c for p, c in lens)
         ids = torch.full((b, t), self._pad_id, dtype=torch.long)
         mask = torch.zeros((b, t), dtype=torch.long)

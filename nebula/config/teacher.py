@@ -23,6 +23,11 @@ class TeacherModelConfig(Strict):
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="Where the forward runs; auto picks cuda when a GPU is visible."
     )
+    backend: Literal["auto", "transformers", "vllm"] = Field(
+        "auto", description="What computes the log-probs: transformers (a forward pass), vllm "
+        "(prompt log-probs; batching and CUDA kernels of vLLM), auto = vllm on cuda when vLLM "
+        "is installed, else transformers."
+    )
     version: str | None = Field(
         None,
         description="Teacher version reported with every answer and part of the cache key "
