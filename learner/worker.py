@@ -46,6 +46,9 @@ class LearnerWorker:
         # process that started Ray (a test run, a shell) would point at a port already in use.
         for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
             os.environ.pop(var, None)
+        from services.embedded import apply_cpu_binding
+
+        apply_cpu_binding("learner")
         from learner.metrics import MetricsSink
 
         self.cfg = JobConfig.model_validate(job)

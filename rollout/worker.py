@@ -33,6 +33,9 @@ class RolloutWorker:
         from rollout.prompts import PromptOrder, load_prompt_rows
         from verifier.client import VerifierClient
 
+        from services.embedded import apply_cpu_binding
+
+        apply_cpu_binding("rollout")
         self.cfg = JobConfig.model_validate(job)
         self.job_id, self.index = job_id, index
         self.name = f"rollout-{index}"

@@ -59,3 +59,32 @@ def embedded_stack(cfg: JobConfig, work_dir: Path) -> Iterator[dict[str, Any]]:
 
 def _cpus_needed(cfg: JobConfig) -> int:
     return int(1 + cfg.rollout.workers * cfg.rollout.num_cpus + 0.999)
+
+
+def cpu_binding(cfg: JobConfig) -> dict[str, str] | None:
+    """On one CPU-only machine (the embedded default), the cores each role may use: the learner
+    gets core 0, the rollout engines the rest, as if they were separate devices. Otherwise
+    (a cluster, GPUs, a single core) None: the scheduler decides. Both benchmarks modes and
+    the bare-engine measurement run under the same binding."""
+    n = os.cpu_count() or 1
+    if (cfg.cluster.ray_address or n < 2 or cfg.rollout.num_gpus > 0
+            or cfg.learner.device == "cuda" or os.environ.get("NEBULA_NO_CPU_BIND")):
+        return None
+    return {"learner": "0", "rollout": "1" if n == 2 else f"1-{n - 1}"}
+
+
+def apply_cpu_binding(role: str) -> None:
+    """In an actor: pin this process (and what it spawns) to NEBULA_CPU_BIND's cores; vLLM's
+    CPU backend binds its OpenMP threads to the same cores."""
+    spec = os.environ.get("NEBULA_CPU_BIND")
+    if not spec:
+        return
+    lo, _, hi = spec.partition("-")
+    cores = set(range(int(lo), int(hi or lo) + 1))
+    os.sched_setaffinity(0, cores)
+    if role == "rollout":
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = spec
+    else:
+        import torch
+
+        torch.set_num_threads(len(cores))

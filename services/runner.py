@@ -33,6 +33,10 @@ def _wait(ref: Any, poll: Callable[[], None] | None, every_s: float = 1.0) -> An
             poll()
 
 
+def _env(env_vars: dict[str, str] | None) -> dict[str, Any] | None:
+    return {"env_vars": env_vars} if env_vars else None
+
+
 class JobRunner:
     def __init__(self, cfg: JobConfig, job_id: str | None = None,
                  progress: ProgressFn | None = None, log: Callable[[str], None] = print) -> None:
@@ -113,15 +117,20 @@ class JobRunner:
         from rollout.weight_store import WeightStore
         from rollout.worker import RolloutWorker
 
+        from services.embedded import cpu_binding
+
         job = self.cfg.model_dump(by_alias=True)
         rc = self.cfg.rollout
+        bind = cpu_binding(self.cfg)
         store = ray.remote(WeightStore).options(num_cpus=0).remote()
         learner = ray.remote(LearnerWorker).options(
             num_cpus=1, max_concurrency=4, name=f"{self.job_id}-learner",
+            runtime_env=_env(bind and {"NEBULA_CPU_BIND": bind["learner"]}),
         ).remote(job, self.job_id, stack["redis_url"], store)
         rollouts = [ray.remote(RolloutWorker).options(
             num_cpus=rc.num_cpus, num_gpus=rc.num_gpus, max_concurrency=4,
             max_restarts=3, max_task_retries=3, name=f"{self.job_id}-rollout-{i}",
+            runtime_env=_env(bind and {"NEBULA_CPU_BIND": bind["rollout"]}),
         ).remote(job, self.job_id, i, stack["redis_url"], stack["verifier_address"], store,
                  stack.get("teacher_address"))
             for i in range(rc.workers)]
