@@ -298,8 +298,7 @@ def main() -> int:
               f"CPU-time ratio (in-process CPU s / service+client CPU s) "
               f"{med(cpu_ratio[conc]):.3f}")
     print(f"padded tokens of the service's forward passes for 1 call / in-process: "
-          f"{med(pad):.3f} (the batcher cuts a request into windows of max_batch_sequences in "
-          f"arrival order before HostedTeacher.score sorts by length)")
+          f"{med(pad):.3f}")
     print(f"teacher service/inprocess cold={med(r_cold['1']):.3f} warm={med(r_warm['1']):.3f}")
     return 0
 
