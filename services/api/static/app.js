@@ -276,7 +276,11 @@ function openStream(id) {
     const job = data(ev);
     if (!job) return;
     const pos = ev.lastEventId ? eventsPos(ev) : `${Date.now()}-0`; // no ids: all are news
-    if (pos !== live.eventsPos) addState(job, pos);
+    // A terminal state always reaches the list (addState drops repeats), even when its
+    // frame carries a position already seen (e.g. the current view after a reconnect).
+    if (pos !== live.eventsPos || ["succeeded", "failed", "cancelled"].includes(job.state)) {
+      addState(job, pos);
+    }
     live.eventsPos = pos;
     showJob(job);
   }));
