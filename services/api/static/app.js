@@ -300,9 +300,17 @@ function openStream(id) {
     const d = data(ev);
     addLog(d && typeof d === "object" ? String(d.line ?? "") : ev.data);
   }));
-  es.addEventListener("end", mine(() => {
+  es.addEventListener("end", mine(async () => {
     es.close();
-    status.textContent = "finished";
+    // The end frame can overtake the last state change: read the final view once.
+    try {
+      const job = await api(`/v1/jobs/${encodeURIComponent(id)}`);
+      if (ui.stream === es) {
+        addState(job, `${Date.now()}-0`);
+        showJob(job);
+      }
+    } catch (_) { /* the list refresh shows it too */ }
+    if (ui.stream === es) status.textContent = "finished";
   }));
   return es;
 }
