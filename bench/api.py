@@ -29,7 +29,6 @@ import asyncio
 import json
 import os
 import random
-import signal
 import subprocess
 import sys
 import tempfile
@@ -45,6 +44,7 @@ sys.path.insert(0, str(ROOT))
 
 from nebula.service_process import free_port  # noqa: E402
 from nebula.transport.redis_server import EmbeddedRedis  # noqa: E402
+from services.jobs.local import stop_pid  # noqa: E402
 
 TENANTS = ["acme", "globex", "initech"]
 
@@ -55,24 +55,6 @@ def job_config(name: str) -> dict[str, Any]:
     data["name"] = name
     data.pop("output_dir", None)
     return data
-
-
-def stop_pid(pid: int, timeout_s: float = 60.0) -> None:
-    try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.2)
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 class Server:
@@ -107,11 +89,11 @@ class Server:
             time.sleep(0.5)
 
     def __exit__(self, *exc: Any) -> None:
-        stop_pid(self.proc.pid)
+        stop_pid(self.proc.pid, 60.0)
         self.log.close()
         ray_state = self.work / "api" / "ray" / "ray.json"
         if ray_state.exists():  # left up by the server: stop it by its PID
-            stop_pid(int(json.loads(ray_state.read_text())["pid"]))
+            stop_pid(int(json.loads(ray_state.read_text())["pid"]), 60.0)
 
 
 def loadavg() -> str:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ import httpx
 import pytest
 
 from procs import ROOT, free_port
+from services.jobs.local import stop_pid
 
 pytestmark = pytest.mark.slow
 
@@ -35,24 +35,6 @@ def _need_browser() -> None:
 
     if importlib.util.find_spec("playwright") is None:
         pytest.skip("the `playwright` package is not installed (pip install playwright)")
-
-
-def _stop(pid: int, timeout_s: float = 60.0) -> None:
-    try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.2)
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 @pytest.fixture(scope="module")
@@ -95,11 +77,11 @@ def server(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator
                         c.post(f"/v1/jobs/{job['id']}/cancel")
         except (httpx.HTTPError, ValueError, KeyError):
             pass
-        _stop(proc.pid)
+        stop_pid(proc.pid, 60.0)
         log.close()
         ray_state = tmp / "work" / "ray" / "ray.json"
         if ray_state.exists():  # left up by the server (a job still active): stop it by PID
-            _stop(int(json.loads(ray_state.read_text())["pid"]))
+            stop_pid(int(json.loads(ray_state.read_text())["pid"]), 60.0)
 
 
 def _job(srv: dict[str, Any], job_id: str) -> dict[str, Any]:

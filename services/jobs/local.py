@@ -36,7 +36,8 @@ def _alive(pid: int) -> bool:
         return True
 
 
-def _stop_pid(pid: int, timeout_s: float = 30.0) -> None:
+def stop_pid(pid: int, timeout_s: float = 30.0) -> None:
+    """SIGTERM `pid`, SIGKILL after `timeout_s`; reaps it when it is our child."""
     try:
         os.kill(pid, signal.SIGTERM)
     except ProcessLookupError:
@@ -88,7 +89,7 @@ class _Detached:
 
     def stop(self) -> None:
         if self.state.get("pid"):
-            _stop_pid(int(self.state["pid"]))
+            stop_pid(int(self.state["pid"]))
         self.state_file.unlink(missing_ok=True)
 
     def _popen(self, args: list[str], env: dict[str, str] | None = None,
@@ -105,7 +106,7 @@ class _Detached:
         while not ready():
             if proc.poll() is not None or time.monotonic() > deadline:
                 if proc.poll() is None:
-                    _stop_pid(proc.pid)
+                    stop_pid(proc.pid)
                 tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
                 raise RuntimeError(f"{what} did not start (exit {proc.poll()}):\n{tail}")
             time.sleep(0.2)
