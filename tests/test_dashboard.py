@@ -156,7 +156,10 @@ def test_dashboard_lists_jobs_and_draws_live_curves(server: dict[str, Any], tmp_
             clicked_state = row.get_attribute("data-state")
             row.click()
             page.wait_for_selector("#job-panel:not([hidden])")
-            assert job_id in page.inner_text("#job-title")
+            # The panel opens before the job view arrives: wait for its title to name the job.
+            page.wait_for_function(
+                f"() => document.querySelector('#job-title').textContent.includes('{job_id}')",
+                timeout=30_000)
 
             # While it runs, the loss curve gains points from the live SSE stream, in more
             # than one step (selected before training started, so none came from history).

@@ -322,6 +322,8 @@ async function select(id) {
   history.replaceState(null, "", `${location.pathname}${location.search}#job=${encodeURIComponent(id)}`);
   for (const [rid, tr] of ui.rows) tr.classList.toggle("selected", rid === id);
   resetLive();
+  // The title names the job at once; the rest of the panel fills in when its view arrives.
+  $("#job-title").textContent = id;
   $("#job-panel").hidden = false;
   $("#stream-status").textContent = "loading…";
   // Open the stream first (holding its points back) so nothing falls between history and live.
