@@ -11,6 +11,7 @@ position and is left out).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -34,6 +35,9 @@ class Batch:
     policy_versions: torch.Tensor      # [B, T] long, -1 where unknown / not a completion token
     teacher_logprobs: torch.Tensor     # [B, T] float (0 where not given)
     has_teacher: torch.Tensor          # [B, T] bool
+    teacher_top_ids: torch.Tensor      # [B, T, k] long, teacher top-k ids (k = 0: none given)
+    teacher_top_logprobs: torch.Tensor  # [B, T, k] float, their teacher log-probs
+    has_top: torch.Tensor              # [B, T] bool, True where the teacher top-k was given
     rewards: torch.Tensor              # [B] float
     prompt_lens: torch.Tensor          # [B] long
     completion_lens: torch.Tensor      # [B] long
@@ -62,7 +66,7 @@ class Batch:
         length = int(rows["attention_mask"].sum(dim=-1).max()) if end > start else 1
         length = max(length, 2)
         for name, value in rows.items():
-            if value.dim() == 2:
+            if value.dim() >= 2:
                 width = length if name in ("input_ids", "attention_mask") else length - 1
                 rows[name] = value[:, :width]
         return Batch(**rows)
@@ -75,7 +79,8 @@ class Batch:
 
 def _rows_to_batch(rows: Sequence[dict[str, Any]], pad_id: int, device: Any) -> Batch:
     """rows: dicts with prompt, completion, loss_mask, behaviour, advantages, versions,
-    teacher (lists or None), reward, group."""
+    teacher (lists or None), reward, group, and optionally top_k with flat top_ids /
+    top_logprobs (top_k entries per completion token)."""
     if not rows:
         raise ValueError("cannot collate an empty batch")
     B = len(rows)
@@ -91,6 +96,10 @@ def _rows_to_batch(rows: Sequence[dict[str, Any]], pad_id: int, device: Any) -> 
     versions = torch.full((B, T), -1, dtype=torch.long)
     teacher = torch.zeros((B, T), dtype=torch.float32)
     has_teacher = torch.zeros((B, T), dtype=torch.bool)
+    k = max((int(r.get("top_k") or 0) for r in rows), default=0)
+    top_ids = torch.zeros((B, T, k), dtype=torch.long)
+    top_lp = torch.full((B, T, k), -math.inf, dtype=torch.float32)
+    has_top = torch.zeros((B, T), dtype=torch.bool)
     rewards = torch.zeros(B, dtype=torch.float32)
     prompt_lens = torch.zeros(B, dtype=torch.long)
     completion_lens = torch.zeros(B, dtype=torch.long)
@@ -136,11 +145,21 @@ def _rows_to_batch(rows: Sequence[dict[str, Any]], pad_id: int, device: Any) -> 
             put(advantages, adv, "token_advantages")
         put(versions, r.get("versions"), "policy_versions", dtype=torch.long)
         put(teacher, r.get("teacher"), "teacher_logprobs", has_teacher)
+        rk = int(r.get("top_k") or 0)
+        if rk:
+            ids, lps = list(r["top_ids"]), list(r["top_logprobs"])
+            if len(ids) != C * rk or len(lps) != C * rk:
+                raise ValueError(f"sample {b}: teacher top-{rk} has {len(ids)} ids and "
+                                 f"{len(lps)} log-probs for {C} completion tokens")
+            top_ids[b, cols, :rk] = torch.tensor(ids, dtype=torch.long).view(C, rk)[sel]
+            top_lp[b, cols, :rk] = torch.tensor(lps, dtype=torch.float32).view(C, rk)[sel]
+            has_top[b, cols] = True
 
     batch = Batch(input_ids=input_ids, attention_mask=attention_mask, mask=mask,
                   completion_mask=completion_mask, behaviour_logprobs=behaviour,
                   has_behaviour=has_behaviour, advantages=advantages, policy_versions=versions,
-                  teacher_logprobs=teacher, has_teacher=has_teacher, rewards=rewards,
+                  teacher_logprobs=teacher, has_teacher=has_teacher, teacher_top_ids=top_ids,
+                  teacher_top_logprobs=top_lp, has_top=has_top, rewards=rewards,
                   prompt_lens=prompt_lens, completion_lens=completion_lens,
                   group_index=group_index)
     return batch.to(device) if device is not None else batch
@@ -161,7 +180,8 @@ def collate(groups: Sequence[TrajectoryGroup], pad_id: int, device: Any = None) 
                 "loss_mask": list(s.loss_mask), "behaviour": list(s.behaviour_logprobs),
                 "advantage": s.advantage, "advantages": list(s.token_advantages),
                 "versions": list(s.policy_versions), "teacher": list(s.teacher_logprobs),
-                "reward": s.reward, "group": g,
+                "reward": s.reward, "group": g, "top_k": s.teacher_top_k,
+                "top_ids": s.teacher_top_ids, "top_logprobs": s.teacher_top_logprobs,
             })
     return _rows_to_batch(rows, pad_id, device)
 
@@ -174,11 +194,13 @@ def collate_sft(pairs: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: in
     return _rows_to_batch(rows, pad_id, device)
 
 
-def token_logprobs(model: Any, batch: Batch, temperature: float = 1.0) -> torch.Tensor:
+def token_logprobs(model: Any, batch: Batch, temperature: float = 1.0,
+                   with_top: bool = False) -> Any:
     """[B, L - 1] log_softmax(logits / temperature) at the next token of every position.
 
     `model` is a causal LM (a Hugging Face model or a DeepSpeed engine wrapping one).
-    Computed in float32 whatever the model dtype.
+    Computed in float32 whatever the model dtype. With `with_top`, returns a pair: those and
+    [B, L - 1, k] the same log-probs at the batch's teacher top-k ids.
     """
     out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
     logits = out.logits if hasattr(out, "logits") else out[0]
@@ -187,4 +209,8 @@ def token_logprobs(model: Any, batch: Batch, temperature: float = 1.0) -> torch.
         logits = logits / temperature
     targets = batch.input_ids[:, 1:].unsqueeze(-1)
     picked = torch.gather(logits, -1, targets).squeeze(-1)
-    return picked - torch.logsumexp(logits, dim=-1)
+    norm = torch.logsumexp(logits, dim=-1)
+    if not with_top:
+        return picked - norm
+    top = torch.gather(logits, -1, batch.teacher_top_ids) - norm.unsqueeze(-1)
+    return picked - norm, top

@@ -192,10 +192,10 @@ class DSLearnerEngine:
         for group in self.optimizer.param_groups:
             group["lr"] = float(lr)
 
-    def _logprobs(self, model: Any, mb: Batch) -> torch.Tensor:
+    def _logprobs(self, model: Any, mb: Batch, with_top: bool = False) -> Any:
         from learner.batch import token_logprobs
 
-        return token_logprobs(model, mb, self.temperature)
+        return token_logprobs(model, mb, self.temperature, with_top=with_top)
 
     def _no_grad_logprobs(self, model: Any, mbs: list[Batch]) -> list[torch.Tensor]:
         import torch
@@ -216,16 +216,18 @@ class DSLearnerEngine:
         return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
 
     def _optimizer_step(self, mbs: list[Batch],
-                        loss_fn: Callable[[int, Batch, torch.Tensor], tuple[Any, dict]]
-                        ) -> tuple[list[dict], float | None]:
-        """Forward/backward over the micro-batches (gradients accumulate), then one step."""
+                        loss_fn: Callable[[int, Batch, Any], tuple[Any, dict]],
+                        with_top: bool = False) -> tuple[list[dict], float | None]:
+        """Forward/backward over the micro-batches (gradients accumulate), then one step.
+        `loss_fn` gets the learner log-probs, or with `with_top` the pair (log-probs, log-probs
+        at the teacher's top-k ids)."""
         eng = self.engine
         eng.train()
         k = len(mbs)
         metrics = []
         for i, mb in enumerate(mbs):
             eng.set_gradient_accumulation_boundary(i == k - 1)
-            lp = self._logprobs(eng, mb)
+            lp = self._logprobs(eng, mb, with_top)
             loss, m = loss_fn(i, mb, lp)
             eng.backward(loss, scale_wrt_gas=False)
             metrics.append(m)
@@ -305,6 +307,7 @@ class DSLearnerEngine:
         import torch
 
         from learner.batch import collate
+        from learner.losses.distill import topk_distill_loss
         from learner.losses.grpo import grpo_loss
 
         t0 = time.perf_counter()
@@ -323,7 +326,11 @@ class DSLearnerEngine:
         ref = self._no_grad_logprobs(self.ref_model, mbs) if use_kl else None
         t_fwd = time.perf_counter() - t0
 
-        def loss_fn(i: int, mb: Batch, lp: Any) -> tuple[Any, dict]:
+        with_top = batch.teacher_top_ids.shape[-1] > 0
+        n_top = float(((batch.mask > 0) & batch.has_top).sum()) if with_top else 0.0
+
+        def loss_fn(i: int, mb: Batch, out: Any) -> tuple[Any, dict]:
+            lp, top = out if with_top else (out, None)
             old_i = old[i] if old is not None else lp.detach()
             beh = torch.where(mb.has_behaviour, mb.behaviour_logprobs, old_i)
             loss, m = grpo_loss(
@@ -332,6 +339,11 @@ class DSLearnerEngine:
                 cfg.kl.coef if use_kl else 0.0, cfg.kl.estimator,
                 num_tokens=n_tok, num_sequences=n_seq)
             m["sequences"] = float(mb.num_sequences)
+            if top is not None:  # OPD with top-k: match the teacher's distribution as well
+                d_loss, dm = topk_distill_loss(top, mb.teacher_top_logprobs,
+                                               mb.mask * mb.has_top, num_tokens=n_top)
+                loss = loss + d_loss
+                m.update(dm, loss=m["loss"] + float(d_loss.detach()))
             with torch.no_grad():
                 sel = (mb.mask > 0) & (mb.policy_versions >= 0)
                 lag = (self.version - mb.policy_versions[sel]).float()
@@ -341,7 +353,7 @@ class DSLearnerEngine:
 
         lr = self.lr
         version_before = self.version
-        parts, norm = self._optimizer_step(mbs, loss_fn)
+        parts, norm = self._optimizer_step(mbs, loss_fn, with_top)
         out = self._combine(parts)
         dt = time.perf_counter() - t0
         out.update({**base, "grad_norm": norm if norm is not None else math.nan,

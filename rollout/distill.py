@@ -8,7 +8,7 @@ service batches them with other jobs' requests and caches repeats.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from nebula.config.job import MOPDStage, OPDStage
@@ -23,6 +23,8 @@ class TeacherScore:
     teacher: str
     teacher_version: str
     logprobs: list[float]
+    top_ids: list[list[int]] = field(default_factory=list)  # per completion token, top_k > 0
+    top_logprobs: list[list[float]] = field(default_factory=list)
 
 
 def route(stage: OPDStage | MOPDStage, domain: str) -> str:
@@ -74,9 +76,11 @@ class TeacherScorer:
         out: list[list[TeacherScore | None]] = [[None] * len(c) for c in completions]
         for name, where in by_teacher.items():
             seqs = [(prompts[g], completions[g][j]) for g, j in where]
-            res = self.client.logprobs(name, seqs, tokenizer_fingerprint=self.fingerprint)
+            res = self.client.logprobs(name, seqs, top_k=self.stage.top_k,
+                                       tokenizer_fingerprint=self.fingerprint)
             for (g, j), r in zip(where, res.results):
-                out[g][j] = TeacherScore(res.teacher, res.teacher_version, list(r.logprobs))
+                out[g][j] = TeacherScore(res.teacher, res.teacher_version, list(r.logprobs),
+                                         r.top_ids, r.top_logprobs)
         return out  # type: ignore[return-value]
 
     def close(self) -> None:

@@ -18,12 +18,15 @@ __all__ = ["build_group", "group_advantages"]
 def build_group(*, job_id: str, stage: str, row: PromptRow, samples: list, verdicts: list,
                 version: int, ticket: int, step: int, worker: str,
                 teacher: Sequence[TeacherScore] | None = None, alpha: float = 0.0,
-                baseline: str = "none") -> TrajectoryGroup:
+                baseline: str = "none", top_k: int = 0) -> TrajectoryGroup:
     """samples: engine SampleOut list; verdicts: verifier ItemResult list (same order).
 
     With `teacher` scores (OPD/MOPD), every sample gets per-token advantages
     log pi_teacher - log pi_behaviour (minus the group's mean of it with baseline "group")
     + alpha * outcome advantage, and records which teacher and teacher version scored it.
+    With `top_k` > 0 the learner matches the teacher's top-k distribution instead: the sample
+    keeps the teacher's top-k per token and its per-token advantage is alpha * outcome
+    advantage only.
     """
     rewards = [v.reward if v.status == "ok" else 0.0 for v in verdicts]
     advantages = group_advantages(rewards)
@@ -34,7 +37,7 @@ def build_group(*, job_id: str, stage: str, row: PromptRow, samples: list, verdi
         rollout_worker=worker, created_unix=time.time(), ticket=ticket, step=step,
     )
     b = 0.0
-    if teacher is not None and baseline == "group":
+    if teacher is not None and baseline == "group" and top_k == 0:
         b = group_baseline([[t - s for s, t in zip(smp.logprobs, sc.logprobs)]
                             for smp, sc in zip(samples, teacher)])
     for i, (s, v, r, a) in enumerate(zip(samples, verdicts, rewards, advantages)):
@@ -47,8 +50,17 @@ def build_group(*, job_id: str, stage: str, row: PromptRow, samples: list, verdi
         if teacher is not None:
             t = teacher[i]
             sample.teacher_logprobs.extend(t.logprobs)
-            sample.token_advantages.extend(opd_token_advantages(s.logprobs, t.logprobs, a, alpha,
-                                                                b))
+            if top_k > 0:
+                if len(t.top_ids) != n or any(len(ids) != top_k for ids in t.top_ids):
+                    raise ValueError(f"teacher {t.teacher} returned top-k rows of the wrong "
+                                     f"shape for {n} tokens at top_k={top_k}")
+                sample.teacher_top_k = top_k
+                sample.teacher_top_ids.extend(i for ids in t.top_ids for i in ids)
+                sample.teacher_top_logprobs.extend(x for row in t.top_logprobs for x in row)
+                sample.token_advantages.extend([alpha * a] * n)
+            else:
+                sample.token_advantages.extend(opd_token_advantages(s.logprobs, t.logprobs, a,
+                                                                    alpha, b))
             sample.teacher, sample.teacher_version = t.teacher, t.teacher_version
         sample.verify.CopyFrom(verifier_pb2.VerifyResult(
             id=v.id, verifier=v.verifier, reward=v.reward, passed=v.passed, reason=v.reason,

@@ -55,7 +55,7 @@ class RolloutWorker:
         self.verifier = VerifierClient(verifier_address, timeout_s=600)
         self.teacher_address = teacher_address
         self.scorer: Any = None  # a TeacherScorer during opd/mopd stages
-        self.alpha, self.baseline = 0.0, "none"
+        self.alpha, self.baseline, self.top_k = 0.0, "none", 0
         self.loaded_steps = -1
         # Held from weight sync to the end of generation, so an evaluation running beside the
         # training loop (max_concurrency 2) cannot swap weights under a batch being tagged.
@@ -189,7 +189,7 @@ class RolloutWorker:
                              "or `teachers` for the embedded one)")
         check_routing(st, [r.domain for r in self.rows])
         self.scorer = TeacherScorer(self.teacher_address, st, self.tokenizer)
-        self.alpha, self.baseline = st.alpha, st.baseline
+        self.alpha, self.baseline, self.top_k = st.alpha, st.baseline, st.top_k
 
     def _sample(self, tickets: list[int], G: int) -> tuple[list[Any], list[Any], int]:
         """Generate the groups of `tickets` with weights recent enough for the staleness
@@ -231,7 +231,7 @@ class RolloutWorker:
                             verdicts=verdicts[k:k + len(group)], version=version, ticket=t,
                             step=ticket_step(t, G), worker=self.name,
                             teacher=scores[gi] if scores is not None else None, alpha=self.alpha,
-                            baseline=self.baseline)
+                            baseline=self.baseline, top_k=self.top_k)
             k += len(group)
             pipe.xadd(self.keys.stream, {b"g": g.SerializeToString()})
             pipe.hdel(self.keys.inflight(self.name), t)

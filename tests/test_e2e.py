@@ -127,7 +127,8 @@ def test_mopd_job_routes_each_domain_to_its_teacher(tmp_path: Path, redis_url: s
     """A short MOPD stage through the real parts (hf engine for speed): an embedded teacher
     service hosting two teachers, each sample scored by its domain's teacher; records keep the
     teacher lineage and per-token advantages log pi_teacher - log pi_behaviour minus the
-    group's mean of it."""
+    group's mean of it. Then a short OPD stage with the teacher's top-k: the records carry the
+    top-k per token and the learner logs the distillation KL."""
     import redis
 
     from learner.toy_model import build_toy_model
@@ -143,14 +144,15 @@ def test_mopd_job_routes_each_domain_to_its_teacher(tmp_path: Path, redis_url: s
     cfg = toy_config(
         tmp_path, rollout={"engine": "hf"},
         stages=[{"type": "sft", "steps": 4, "batch_size": 8, "lr": 0.001},
-                {"type": "mopd", "steps": 3, "routing": {"add": "t-add", "rev": "t-rev"}}],
+                {"type": "mopd", "steps": 3, "routing": {"add": "t-add", "rev": "t-rev"}},
+                {"type": "opd", "steps": 2, "teacher": "t-rev", "top_k": 4}],
         teachers=[{"name": "t-add", "path": str(t_add)}, {"name": "t-rev", "path": str(t_rev)}],
         cluster={"redis_url": redis_url})
     cfg.model.toy = ToyModelConfig(**toy)
     cfg.datasets.train.append(cfg.datasets.train[0].model_copy(update={"path": str(rev_train)}))
     summary = JobRunner(cfg, job_id="mopd").run()
 
-    assert [s["stage"] for s in summary["stages"]] == ["sft0", "mopd1"]
+    assert [s["stage"] for s in summary["stages"]] == ["sft0", "mopd1", "opd2"]
     assert set(summary["teachers"]) == {"t-add", "t-rev"}
     r = redis.Redis.from_url(redis_url)
     groups = [TrajectoryGroup.FromString(f[b"g"])
@@ -170,6 +172,25 @@ def test_mopd_job_routes_each_domain_to_its_teacher(tmp_path: Path, redis_url: s
     rows = [x for x in read_metrics(cfg) if x["stage"] == "mopd1"]
     assert len(rows) == 3 and all("reverse_kl" in x and x["teachers"] for x in rows)
     assert Path(summary["stages"][1]["checkpoint"]).is_dir()
+
+    groups = [TrajectoryGroup.FromString(f[b"g"])
+              for _, f in r.xrange(JobKeys("mopd-2").stream)]
+    assert len(groups) == 2 * 4
+    for s in (s for g in groups for s in g.samples):
+        n = len(s.completion_ids)
+        assert s.teacher == "t-rev" and s.teacher_top_k == 4
+        assert len(s.teacher_top_ids) == len(s.teacher_top_logprobs) == 4 * n
+        assert list(s.token_advantages) == [0.0] * n  # alpha 0: the top-k loss does it all
+        for j in range(n):
+            top = s.teacher_top_logprobs[4 * j:4 * j + 4]
+            assert list(top) == sorted(top, reverse=True)
+            # the sampled token's teacher log-prob is at most the teacher's best
+            assert s.teacher_logprobs[j] <= top[0] + 1e-5
+            if s.completion_ids[j] in s.teacher_top_ids[4 * j:4 * j + 4]:
+                k = list(s.teacher_top_ids[4 * j:4 * j + 4]).index(s.completion_ids[j])
+                assert s.teacher_logprobs[j] == pytest.approx(top[k], abs=1e-5)
+    rows = [x for x in read_metrics(cfg) if x["stage"] == "opd2"]
+    assert len(rows) == 2 and all(x["distill_kl"] >= 0 for x in rows)
 
 
 def test_resume_from_a_mid_stage_checkpoint(tmp_path: Path) -> None:
