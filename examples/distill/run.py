@@ -1,9 +1,11 @@
 """The distillation demos end to end (CPU, nothing downloaded).
 
-    python examples/distill/run.py opd    teacher (long SFT on addition) -> student (short
-                                          SFT) -> on-policy distillation from the teacher
+    python examples/distill/run.py opd    teacher (long SFT on string reversal) -> student
+                                          (very short SFT) -> on-policy distillation from the
+                                          teacher's top-k
     python examples/distill/run.py mopd   two teachers (addition, reversal) -> a student with a
-                                          short SFT on both -> multi-teacher OPD, per domain
+                                          short SFT on addition only -> multi-teacher OPD on
+                                          both domains, printed per domain
 
 Teachers and the OPD student start are SFT-only jobs, built once and reused (delete
 runs/distill to rebuild). Prints held-out greedy accuracy of teachers and student.
@@ -61,16 +63,17 @@ def main() -> int:
         return 2
     os.chdir(ROOT)
     make_data()
-    t_add = built("examples/distill/teacher-addition.yaml")["evals"][-1]
+    t_rev = built("examples/distill/teacher-reversal.yaml")["evals"][-1]
     if demo == "opd":
-        start = built("examples/distill/student-addition.yaml")["evals"][-1]
+        start = built("examples/distill/student-reversal.yaml")["evals"][-1]
         s = run_job("examples/distill/opd.yaml")
         after = s["evals"][-1]
-        print(f"teacher greedy {t_add['greedy']:.1%}; student {start['greedy']:.1%} after SFT "
-              f"-> {after['greedy']:.1%} after OPD ({after['greedy'] / t_add['greedy']:.0%} of "
+        print(f"teacher greedy {t_rev['greedy']:.1%}; student {start['greedy']:.1%} after SFT "
+              f"-> {after['greedy']:.1%} after OPD ({after['greedy'] / t_rev['greedy']:.0%} of "
               f"the teacher) in {s['stages'][0]['wall_s']:.0f}s of OPD")
         return 0
-    t_rev = built("examples/distill/teacher-reversal.yaml")["evals"][-1]
+    t_add = built("examples/distill/teacher-addition.yaml")["evals"][-1]
+    built("examples/distill/student-addition.yaml")
     s = run_job("examples/distill/mopd.yaml")
     before, after = s["evals"][0], s["evals"][-1]
     teacher = {"add": t_add["greedy"], "rev": t_rev["greedy"]}

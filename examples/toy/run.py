@@ -1,6 +1,6 @@
 """The toy recipe end to end: make the synthetic data, then `nebula run` the job config.
 
-    python examples/toy/run.py [CONFIG]   (default: examples/toy/addition.yaml)
+    python examples/toy/run.py [CONFIG]   (default: examples/toy/reversal.yaml)
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent.parent
 
 def main() -> int:
     os.chdir(ROOT)
-    config = sys.argv[1] if len(sys.argv) > 1 else "examples/toy/addition.yaml"
+    config = sys.argv[1] if len(sys.argv) > 1 else "examples/toy/reversal.yaml"
     from nebula.tasks.synthetic import make_split
 
     for task in ("addition", "reversal"):
