@@ -4,8 +4,8 @@
                                           (very short SFT) -> on-policy distillation from the
                                           teacher's top-k
     python examples/distill/run.py mopd   two teachers (addition, reversal) -> a student with a
-                                          short SFT on addition only -> multi-teacher OPD on
-                                          both domains, printed per domain
+                                          short SFT on both -> multi-teacher OPD, printed per
+                                          domain
 
 Teachers and the OPD student start are SFT-only jobs, built once and reused (delete
 runs/distill to rebuild). Prints held-out greedy accuracy of teachers and student.
@@ -73,7 +73,6 @@ def main() -> int:
               f"the teacher) in {s['stages'][0]['wall_s']:.0f}s of OPD")
         return 0
     t_add = built("examples/distill/teacher-addition.yaml")["evals"][-1]
-    built("examples/distill/student-addition.yaml")
     s = run_job("examples/distill/mopd.yaml")
     before, after = s["evals"][0], s["evals"][-1]
     teacher = {"add": t_add["greedy"], "rev": t_rev["greedy"]}
