@@ -239,6 +239,11 @@ def _job_config(rec: dict[str, Any], redis_url: str) -> Any:
 
 
 def run(job_id: str, redis_url: str, work_dir: Path) -> int:
+    # A cancel can come the moment the record says "running": hold a SIGTERM that arrives
+    # before the handler below is in place, and act on it inside the try (the default action
+    # would kill the driver with no log line and no record update).
+    early_term: list[int] = []
+    signal.signal(signal.SIGTERM, lambda signum, frame: early_term.append(signum))
     store = JobStore.from_url(redis_url)
     rec = store.get(job_id)
     if rec is None:
@@ -259,6 +264,9 @@ def run(job_id: str, redis_url: str, work_dir: Path) -> int:
     signal.signal(signal.SIGTERM, on_term)
     reporter: Reporter | None = None
     try:
+        if early_term:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            raise Cancelled()
         cfg = _job_config(rec, redis_url)
         if rec.get("attempt", 0) > 0:
             _clear_stage_keys(store, job_id)
