@@ -4,8 +4,6 @@ its gradient, the record and the collated tensors."""
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
-from typing import Any
 
 import pytest
 import torch
@@ -15,6 +13,7 @@ from learner.losses.distill import topk_distill_loss
 from rollout.distill import TeacherScore
 from rollout.groups import build_group
 from rollout.prompts import PromptRow
+from test_opd import _sample, _verdict  # the fake engine sample / verdict of the OPD tests
 
 
 def test_loss_hand_made_case() -> None:
@@ -52,15 +51,6 @@ def test_gradient_steps_move_the_student_to_the_teacher_distribution() -> None:
         loss.backward()
         opt.step()
     assert kls[-1] < 0.05 * kls[0]
-
-
-def _sample(ids: list[int], lps: list[float]) -> Any:
-    return SimpleNamespace(completion_ids=ids, logprobs=lps, text="x", finish_reason="stop")
-
-
-def _verdict(reward: float) -> Any:
-    return SimpleNamespace(reward=reward, status="ok", id="", verifier="exact", passed=reward > 0,
-                           reason="", verifier_version="1", elapsed_s=0.0)
 
 
 def test_record_and_batch_carry_the_teacher_top_k() -> None:
