@@ -21,16 +21,30 @@ from nebula.transport.pacing import JobKeys, StalenessPacer
 log = logging.getLogger("nebula.learner")
 
 
-def sft_lr(peak: float, step: int, total: int, warmup_frac: float = 0.05,
+def cosine_lr(peak: float, step: int, total: int, warmup_frac: float = 0.05,
            floor_frac: float = 0.1) -> float:
-    """Linear warm-up over the first 5% of steps, then cosine decay to 10% of the peak."""
+    """Linear warm-up over the first 5% of steps (none with warmup_frac 0), then cosine decay
+    towards 10% of the peak at the last step (SFT stages; RL stages with lr_schedule cosine)."""
     import math
 
-    warm = max(1, int(total * warmup_frac))
+    warm = max(1, int(total * warmup_frac)) if warmup_frac > 0 else 0
     if step < warm:
         return peak * (step + 1) / warm
     progress = (step - warm) / max(1, total - warm)
     return peak * (floor_frac + (1 - floor_frac) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def ticket_ranges(tickets: list[int]) -> list[list[int]]:
+    """Tickets as sorted half-open [start, end) runs: a 500-step stage of 128 groups is one
+    pair, not 64,000 ints in summary.json. A ticket trained twice shows up as a count
+    (`tickets_trained_n`) larger than the ranges cover."""
+    runs: list[list[int]] = []
+    for t in sorted(set(tickets)):
+        if runs and runs[-1][1] == t:
+            runs[-1][1] = t + 1
+        else:
+            runs.append([t, t + 1])
+    return runs
 
 
 class LearnerWorker:
@@ -137,7 +151,7 @@ class LearnerWorker:
             idx, order = order[:st.batch_size], order[st.batch_size:]
             if step < start_step:  # resumed: replay the data order up to the checkpoint
                 continue
-            self.engine.set_lr(sft_lr(st.lr, step, st.steps))
+            self.engine.set_lr(cosine_lr(st.lr, step, st.steps))
             t0 = time.monotonic()
             m = self.engine.sft_step(collate_sft([pairs[i] for i in idx],
                                                  self.tokenizer.pad_token_id))
@@ -171,7 +185,8 @@ class LearnerWorker:
         stream = RedisTrajectoryStream(self.redis_url, keys.stream)
         pacer = StalenessPacer(self.redis_url, keys, self.cfg.async_.max_staleness, G)
         name = f"{st.type}{stage_index}"
-        self.engine.set_lr(self.cfg.learner.lr)
+        lc = self.cfg.learner
+        self.engine.set_lr(lc.lr)
         t_pub = time.monotonic()
         self.publish(steps=pacer.steps_done())  # the stage's starting weights, step-stamped
         setup = {"publish_s": time.monotonic() - t_pub, "setup_s": time.monotonic() - t_stage0}
@@ -183,6 +198,8 @@ class LearnerWorker:
         first_group_s: float | None = None
         for step in range(pacer.steps_done(), st.steps):
             self.status = {"stage": name, "step": step, "total": st.steps}
+            if lc.lr_schedule == "cosine":
+                self.engine.set_lr(cosine_lr(lc.lr, step, st.steps, warmup_frac=0.0))
             want = set(range(step * G, (step + 1) * G))
             t_wait = time.monotonic()
             while not want <= buffered.keys():
@@ -235,7 +252,7 @@ class LearnerWorker:
                 "tokens": tokens, "tokens_per_s": tokens / max(step_s + wait_s, 1e-9),
                 "step_time_s": step_s, "wait_time_s": wait_s, "publish_time_s": publish_s,
                 "samples_per_s": samples_total / (time.monotonic() - t_stage),
-                "policy_version": self.engine.version,
+                "policy_version": self.engine.version, "lr": self.engine.lr,
             })
             self.global_step += 1
             t_log = time.monotonic()
@@ -251,7 +268,8 @@ class LearnerWorker:
                 "checkpoint": path,
                 "staleness_hist": {str(k): v for k, v in sorted(staleness_hist.items())},
                 "samples": samples_total, "wall_s": time.monotonic() - t_stage,
-                "tickets_trained": tickets_trained, "first_batch_s": first_group_s, **setup}
+                "tickets_trained": ticket_ranges(tickets_trained),
+                "tickets_trained_n": len(tickets_trained), "first_batch_s": first_group_s, **setup}
 
     # -- checkpoints --------------------------------------------------------------------
 

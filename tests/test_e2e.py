@@ -119,8 +119,8 @@ def test_crashed_rollout_worker_is_restarted_and_nothing_is_lost(tmp_path: Path)
     assert killed, "the rollout worker was never killed"
     grpo = summary["stages"][1]
     assert grpo["steps"] == 8 and grpo["samples"] == 8 * 4 * 4
-    tickets = grpo["tickets_trained"]
-    assert sorted(tickets) == list(range(8 * 4))  # each ticket trained exactly once
+    # each ticket trained exactly once: one run covering all, and as many as it covers
+    assert grpo["tickets_trained"] == [[0, 8 * 4]] and grpo["tickets_trained_n"] == 8 * 4
 
 
 def test_mopd_job_routes_each_domain_to_its_teacher(tmp_path: Path, redis_url: str) -> None:
@@ -195,10 +195,12 @@ def test_mopd_job_routes_each_domain_to_its_teacher(tmp_path: Path, redis_url: s
 
 def test_resume_from_a_mid_stage_checkpoint(tmp_path: Path) -> None:
     """A job checkpoints every 2 GRPO steps; a new run with resume_from = the step-2 checkpoint
-    restores the policy version and trains only the remaining steps of that stage."""
+    restores the policy version and trains only the remaining steps of that stage, with the
+    stage's cosine learning rate going on from step 2."""
+    from learner.worker import cosine_lr
     from services.runner import JobRunner
 
-    cfg = toy_config(tmp_path, rollout={"engine": "hf"},
+    cfg = toy_config(tmp_path, rollout={"engine": "hf"}, learner={"lr_schedule": "cosine"},
                      stages=[{"type": "sft", "steps": 4, "batch_size": 8, "lr": 0.001},
                              {"type": "grpo", "steps": 4}],
                      checkpoint={"dir": str(tmp_path / "ck"), "interval": 2, "keep": 5},
@@ -214,8 +216,11 @@ def test_resume_from_a_mid_stage_checkpoint(tmp_path: Path) -> None:
     second = JobRunner(resumed_cfg, job_id="second").run()
     assert second["resumed_from"]["stage"] == 1 and second["resumed_from"]["step"] == 2
     assert [s["stage"] for s in second["stages"]] == ["grpo1"]
-    assert len(second["stages"][0]["tickets_trained"]) == 2 * 4  # steps 2 and 3 only
-    assert min(second["stages"][0]["tickets_trained"]) == 2 * 4
+    # steps 2 and 3 only
+    assert second["stages"][0]["tickets_trained"] == [[2 * 4, 4 * 4]]
+    assert second["stages"][0]["tickets_trained_n"] == 2 * 4
     assert second["stages"][0]["final_version"] <= v_end
     g = [r for r in read_metrics(resumed_cfg) if r["stage"] == "grpo1"]
     assert len(g) == 2
+    assert [r["lr"] for r in g] == pytest.approx(
+        [cosine_lr(cfg.learner.lr, step, 4, warmup_frac=0.0) for step in (2, 3)])

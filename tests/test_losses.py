@@ -252,3 +252,16 @@ def test_token_logprobs_gathers_next_tokens() -> None:
             for t in range(6):
                 assert lp[row, t].item() == pytest.approx(table[ids[t], ids[t + 1]].item(),
                                                           abs=1e-5)
+
+
+def test_cosine_lr_schedules() -> None:
+    """SFT: 5% linear warm-up, then cosine to 10%; RL `lr_schedule: cosine`: no warm-up."""
+    from learner.worker import cosine_lr
+
+    sft = [cosine_lr(1.0, s, 100) for s in range(100)]
+    assert sft[0] == pytest.approx(0.2) and sft[4] == pytest.approx(1.0)  # warm-up 5 steps
+    assert all(a >= b for a, b in zip(sft[4:], sft[5:]))  # then only down
+    assert sft[-1] == pytest.approx(0.1, abs=0.01)
+    rl = [cosine_lr(1e-3, s, 10, warmup_frac=0.0) for s in range(10)]
+    assert rl[0] == pytest.approx(1e-3) and rl[5] == pytest.approx(0.55e-3)
+    assert rl[-1] == pytest.approx(1e-3 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.9))))

@@ -151,3 +151,13 @@ def test_pacing_keeps_staleness_within_bound(redis_url: str, max_staleness: int)
     assert max(staleness) <= max_staleness, staleness
     if max_staleness > 0:
         assert max(staleness) == max_staleness  # async: rollout really ran ahead
+
+
+def test_ticket_ranges_compress_runs_and_expose_repeats() -> None:
+    from learner.worker import ticket_ranges
+
+    assert ticket_ranges([]) == []
+    assert ticket_ranges([3, 0, 1, 2, 7, 8, 5]) == [[0, 4], [5, 6], [7, 9]]
+    tickets = [0, 1, 1, 2]  # a ticket trained twice: the count exceeds what the runs cover
+    covered = sum(b - a for a, b in ticket_ranges(tickets))
+    assert covered == 3 and len(tickets) == 4

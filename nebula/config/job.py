@@ -142,6 +142,9 @@ class LearnerConfig(Strict):
     zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="cuda when available.")
     lr: float = Field(1e-4, gt=0, description="Learning rate of the RL stages.")
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        "constant", description="Over each RL stage: constant `lr`, or cosine decay from `lr` "
+        "to 10% of it at the stage's last step (steadies the end of a long stage).")
     groups_per_step: int = Field(8, gt=0, description="Groups (prompts) per optimizer step.")
     micro_batch: int = Field(64, gt=0, description="Sequences per forward/backward pass.")
     clip_low: float = Field(0.2, ge=0, description="PPO ratio clip below: 1 - clip_low.")
