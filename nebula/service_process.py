@@ -5,19 +5,43 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def die_with_parent() -> Callable[[], None] | None:
+    """A `preexec_fn` that makes the child get SIGTERM when this process dies, however it dies
+    (Linux PR_SET_PDEATHSIG): a driver killed with SIGKILL, or aborting in Ray's exit path,
+    leaves no redis-server or verifier behind. None off Linux, and off the main thread (the
+    signal fires when the forking *thread* exits, and only the main thread lives as long as
+    the process)."""
+    if not sys.platform.startswith("linux") or threading.current_thread() is not \
+            threading.main_thread():
+        return None
+    import ctypes
+
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved here, not in the child
+    parent = os.getpid()
+
+    def set_signal() -> None:
+        prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the parent died before the prctl
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return set_signal
 
 
 def _tail(log_path: Path | None, lines: int = 20) -> str:
@@ -75,7 +99,7 @@ def service_process(module: str, work_dir: Path, config: dict[str, Any],
     with log_path.open("w") as log:
         proc = subprocess.Popen([sys.executable, "-m", module, "--config", str(cfg_path)],
                                 env={**os.environ, **(env or {})}, stdout=log,
-                                stderr=subprocess.STDOUT)
+                                stderr=subprocess.STDOUT, preexec_fn=die_with_parent())
     address = f"127.0.0.1:{port}"
     try:
         wait_healthy(address, proc, f"{module} service", log_path, timeout_s)

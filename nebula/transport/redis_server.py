@@ -58,7 +58,10 @@ class EmbeddedRedis:
                 "--appendonly", "yes" if self.persist else "no", "--appendfsync", "everysec",
                 "--daemonize", "no", "--loglevel", "warning",
                 "--logfile", str(self.data_dir / "redis.log")]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        from nebula.service_process import die_with_parent
+
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                     preexec_fn=die_with_parent())
         import redis
 
         client = redis.Redis.from_url(self.url)
