@@ -53,7 +53,7 @@ def run(cfg: JobConfig, raw: bool) -> dict[str, Any]:
 
         if raw:
             G = cfg.learner.groups_per_step
-            tickets = list(range(min(len(res["tickets_trained"]), 8 * G)))
+            tickets = list(range(min(res["tickets_trained_n"], 8 * G)))
             measured["raw"] = ray.get(rollouts[0].generate_raw.remote(tickets))
 
     runner.on_grpo_end = on_end
@@ -93,10 +93,12 @@ def main() -> int:
         print(f"max_staleness={s}: {g['samples']} samples in {g['wall_s']:.1f}s = "
               f"{sps[s]:.1f} samples/s; staleness histogram {g['staleness_hist']}")
     w = ro[0]
-    print(f"rollout (async): {roll_tps:.0f} tok/s over busy time (gen {w['gen_s']:.1f}s, verify "
-          f"{w['verify_s']:.1f}s, weight loads {w['weight_loads']} in {w['weight_load_s']:.1f}s, "
-          f"pacing waits {w['pacing_wait_s']:.1f}s); raw vLLM on the same prompts: "
-          f"{raw_tps:.0f} tok/s")
+    print(f"rollout (async): {roll_tps:.0f} tok/s over busy time {busy:.1f}s (gen "
+          f"{w['gen_s']:.1f}s = {w['tokens'] / w['gen_s']:.0f} tok/s; weight loads "
+          f"{w['weight_loads']} in {w['weight_load_s']:.1f}s, of it fetching "
+          f"{w['weight_fetch_s']:.1f}s; scoring+writing {w['finish_s']:.1f}s beside generation "
+          f"(verify {w['verify_s']:.1f}s), waited on {w['finish_wait_s']:.1f}s; pacing waits "
+          f"{w['pacing_wait_s']:.1f}s); raw vLLM on the same prompts: {raw_tps:.0f} tok/s")
     print(f"e2e async/sync={sps[2] / sps[0]:.2f} rollout/raw_vllm={roll_tps / raw_tps:.2f}")
     return 0
 

@@ -163,6 +163,14 @@ class VLLMEngine(RolloutEngine):
             kwargs["weight_transfer_config"] = WeightTransferConfig(backend=weight_transfer)
         kwargs.update(llm_kwargs)
         self._llm: Any = LLM(**kwargs)
+        from vllm.platforms import current_platform
+
+        # CPU with the engine core in a child process: weights reach it as a file in shared
+        # memory (/dev/shm) rather than through the RPC's serialisation.
+        self._shm_dir: str | None = None
+        if (current_platform.is_cpu() and os.path.isdir("/dev/shm")
+                and os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "1") == "1"):
+            self._shm_dir = "/dev/shm"
         self._lock = threading.Lock()
         self._version = 0
         self.eos_token_id: int | None = self._llm.get_tokenizer().eos_token_id
@@ -202,7 +210,13 @@ class VLLMEngine(RolloutEngine):
         with self._lock:
             if self._llm is None:
                 raise RuntimeError("engine is closed")
-            self._llm.collective_rpc("load_weights_blob", args=(bytes(blob),))
+            if self._shm_dir is not None:  # the workers are other processes on this node
+                with tempfile.NamedTemporaryFile(dir=self._shm_dir, suffix=".safetensors") as f:
+                    f.write(blob)
+                    f.flush()
+                    self._llm.collective_rpc("load_weights_file", args=(f.name,))
+            else:
+                self._llm.collective_rpc("load_weights_blob", args=(bytes(blob),))
             # Cached prefixes hold KV computed with the old weights.
             self._llm.reset_prefix_cache()
             self._version = int(version)

@@ -63,9 +63,12 @@ class RolloutWorker:
         # The first generate call of an engine is several times slower (allocations,
         # kernel selection): pay it now, not inside the first training step.
         self.engine.generate([self.rows[0].prompt_ids], 2, 1.0, 1.0, 2)
+        # busy_s: generation, weight loads and waits on the previous batch's finish (scoring,
+        # stream writes: finish_s, beside generation); pacing waits are counted apart.
         self.stats = {"groups": 0, "samples": 0, "tokens": 0, "gen_s": 0.0, "verify_s": 0.0,
-                      "weight_load_s": 0.0, "weight_loads": 0, "regenerated": 0,
-                      "busy_s": 0.0, "pacing_wait_s": 0.0}
+                      "weight_load_s": 0.0, "weight_fetch_s": 0.0, "weight_loads": 0,
+                      "regenerated": 0, "busy_s": 0.0, "pacing_wait_s": 0.0,
+                      "finish_s": 0.0, "finish_wait_s": 0.0}
 
     # -- weights ------------------------------------------------------------------------
 
@@ -83,8 +86,11 @@ class RolloutWorker:
         version, ref, steps = ray.get(self.store.latest.remote())
         if version > self.engine.version and ref:
             t0 = time.monotonic()
-            self.engine.load_weights(ray.get(ref[0]), version)
+            blob = ray.get(ref[0])
+            t1 = time.monotonic()
+            self.engine.load_weights(blob, version)
             self.stats["weight_loads"] += 1
+            self.stats["weight_fetch_s"] += t1 - t0
             self.stats["weight_load_s"] += time.monotonic() - t0
         if version == self.engine.version:
             self.loaded_steps = steps
@@ -147,7 +153,10 @@ class RolloutWorker:
         from concurrent.futures import Future, ThreadPoolExecutor
 
         pending: Future | None = None
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="finish") as post:
+        from services.embedded import release_cpu_binding
+
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="finish",
+                                initializer=release_cpu_binding) as post:
             while not self.r.exists(self.keys.stop):
                 want = self.cfg.rollout.prompts_per_request
                 t0 = time.monotonic()
@@ -162,7 +171,9 @@ class RolloutWorker:
                     self.r.hset(inflight, mapping={t: 1 for t in mine})
                     sampled = self._sample(mine, G)
                     if pending is not None:
+                        t2 = time.monotonic()
                         pending.result()
+                        self.stats["finish_wait_s"] += time.monotonic() - t2
                     pending = post.submit(self._finish, stage, mine, *sampled, G)
                 self.stats["busy_s"] += time.monotonic() - t1
                 if len(mine) < len(tickets):  # past the stage's last ticket: nothing left
@@ -239,6 +250,7 @@ class RolloutWorker:
         pipe.execute()  # the groups and the end of their reservations land together
         self.stats["groups"] += len(tickets)
         self.stats["samples"] += sum(len(g) for g in outs)
+        self.stats["finish_s"] += time.monotonic() - t1
 
     # -- evaluation -----------------------------------------------------------------------
 

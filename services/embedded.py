@@ -88,3 +88,12 @@ def apply_cpu_binding(role: str) -> None:
         import torch
 
         torch.set_num_threads(len(cores))
+
+
+def release_cpu_binding() -> None:
+    """In a thread of a pinned actor: let this thread (only; Linux affinity is per thread) run
+    on any core. For host-side glue beside the engine - the rollout worker's scoring and
+    stream-write thread - which on a cluster runs on host cores, not on the accelerator that
+    the binding stands in for; pinned, it takes its time from the engine's core."""
+    if os.environ.get("NEBULA_CPU_BIND"):
+        os.sched_setaffinity(0, range(os.cpu_count() or 1))

