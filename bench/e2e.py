@@ -4,7 +4,7 @@
    samples/s trained by the learner over the stage, and their ratio (target >= 1.6).
 2. Rollout tokens/s inside the async job (tokens over the worker's busy time: generation,
    verification, stream writes, weight loads; pacing waits excluded) against the bare vLLM
-   engine generating the same prompts with the same settings right after (target >= 0.9).
+   engine generating all the same prompts with the same settings right after (target >= 0.9).
 
 Both jobs start from the same checkpoint (the toy model after a short SFT, built once).
 Last line: `e2e async/sync=<ratio> rollout/raw_vllm=<ratio>`.
@@ -52,8 +52,7 @@ def run(cfg: JobConfig, raw: bool) -> dict[str, Any]:
         import ray
 
         if raw:
-            G = cfg.learner.groups_per_step
-            tickets = list(range(min(res["tickets_trained_n"], 8 * G)))
+            tickets = list(range(res["tickets_trained_n"]))  # all the stage's prompts
             measured["raw"] = ray.get(rollouts[0].generate_raw.remote(tickets))
 
     runner.on_grpo_end = on_end

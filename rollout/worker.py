@@ -153,10 +153,10 @@ class RolloutWorker:
         from concurrent.futures import Future, ThreadPoolExecutor
 
         pending: Future | None = None
-        from services.embedded import release_cpu_binding
+        from services.embedded import bind_thread_to_host_cores
 
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="finish",
-                                initializer=release_cpu_binding) as post:
+                                initializer=bind_thread_to_host_cores) as post:
             while not self.r.exists(self.keys.stop):
                 want = self.cfg.rollout.prompts_per_request
                 t0 = time.monotonic()

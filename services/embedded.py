@@ -24,15 +24,21 @@ def embedded_stack(cfg: JobConfig, work_dir: Path) -> Iterator[dict[str, Any]]:
 
     cl = cfg.cluster
     with contextlib.ExitStack() as stack:
-        redis_url = cl.redis_url
+        redis_url, redis, verifier = cl.redis_url, None, None
         if redis_url is None:
-            redis_url = stack.enter_context(EmbeddedRedis(work_dir / "redis")).url
+            redis = stack.enter_context(EmbeddedRedis(work_dir / "redis"))
+            redis_url = redis.url
         verifier_address = cl.verifier_address
         if verifier_address is None:
             vcfg = cl.verifier.model_dump()
             vcfg.update(port=0, metrics_port=None, host="127.0.0.1")
-            srv = stack.enter_context(verifier_process(work_dir / "verifier", vcfg))
-            verifier_address = srv["address"]
+            verifier = stack.enter_context(verifier_process(work_dir / "verifier", vcfg))
+            verifier_address = verifier["address"]
+        bind = cpu_binding(cfg)
+        if bind:  # host-side services off the rollout engines' cores (see cpu_binding)
+            for proc in (getattr(redis, "proc", None), verifier and verifier["proc"]):
+                if proc is not None:
+                    os.sched_setaffinity(proc.pid, _cores(bind["learner"]))
         teacher_address = cl.teacher_address
         if teacher_address is None and any(stage_teachers(st) for st in cfg.stages):
             from teacher.client import teacher_process
@@ -63,7 +69,10 @@ def _cpus_needed(cfg: JobConfig) -> int:
 
 def cpu_binding(cfg: JobConfig) -> dict[str, str] | None:
     """On one CPU-only machine (the embedded default), the cores each role may use: the learner
-    gets core 0, the rollout engines the rest, as if they were separate devices. Otherwise
+    gets core 0, the rollout engines the rest, as if they were separate devices; the host-side
+    work (the embedded redis-server and verifier service, each rollout worker's scoring and
+    stream-write thread) shares the learner's core, off the engines'. The teacher service
+    floats: its forward passes are heavy and the learner already waits on it. Otherwise
     (a cluster, GPUs, a single core) None: the scheduler decides. Both benchmarks modes and
     the bare-engine measurement run under the same binding."""
     n = os.cpu_count() or 1
@@ -79,8 +88,7 @@ def apply_cpu_binding(role: str) -> None:
     spec = os.environ.get("NEBULA_CPU_BIND")
     if not spec:
         return
-    lo, _, hi = spec.partition("-")
-    cores = set(range(int(lo), int(hi or lo) + 1))
+    cores = _cores(spec)
     os.sched_setaffinity(0, cores)
     if role == "rollout":
         os.environ["VLLM_CPU_OMP_THREADS_BIND"] = spec
@@ -90,10 +98,17 @@ def apply_cpu_binding(role: str) -> None:
         torch.set_num_threads(len(cores))
 
 
-def release_cpu_binding() -> None:
-    """In a thread of a pinned actor: let this thread (only; Linux affinity is per thread) run
-    on any core. For host-side glue beside the engine - the rollout worker's scoring and
-    stream-write thread - which on a cluster runs on host cores, not on the accelerator that
-    the binding stands in for; pinned, it takes its time from the engine's core."""
-    if os.environ.get("NEBULA_CPU_BIND"):
-        os.sched_setaffinity(0, range(os.cpu_count() or 1))
+def bind_thread_to_host_cores() -> None:
+    """In a thread of a pinned rollout actor: move this thread (only; Linux affinity is per
+    thread) to the host-side cores (NEBULA_HOST_CPU_BIND, the learner's). For the glue beside
+    the engine - the scoring and stream-write thread - which on a cluster runs on host cores,
+    not on the accelerator the engine's cores stand in for; on the engine's cores it takes
+    its time from generation."""
+    spec = os.environ.get("NEBULA_HOST_CPU_BIND")
+    if spec:
+        os.sched_setaffinity(0, _cores(spec))
+
+
+def _cores(spec: str) -> set[int]:
+    lo, _, hi = spec.partition("-")
+    return set(range(int(lo), int(hi or lo) + 1))

@@ -130,7 +130,8 @@ class JobRunner:
         rollouts = [ray.remote(RolloutWorker).options(
             num_cpus=rc.num_cpus, num_gpus=rc.num_gpus, max_concurrency=4,
             max_restarts=3, max_task_retries=3, name=f"{self.job_id}-rollout-{i}",
-            runtime_env=_env(bind and {"NEBULA_CPU_BIND": bind["rollout"]}),
+            runtime_env=_env(bind and {"NEBULA_CPU_BIND": bind["rollout"],
+                                       "NEBULA_HOST_CPU_BIND": bind["learner"]}),
         ).remote(job, self.job_id, i, stack["redis_url"], stack["verifier_address"], store,
                  stack.get("teacher_address"))
             for i in range(rc.workers)]
