@@ -6,7 +6,9 @@
    verification, stream writes, weight loads; pacing waits excluded) against the bare vLLM
    engine generating all the same prompts with the same settings right after (target >= 0.9).
 
-Both jobs start from the same checkpoint (the toy model after a short SFT, built once).
+Both modes start from the same checkpoint (the toy model after a short SFT, built once) and
+alternate (sync, async, sync, async: `--repeats`), their figures summed, so a drift in this
+shared machine's speed lands on both.
 Last line: `e2e async/sync=<ratio> rollout/raw_vllm=<ratio>`.
 """
 
@@ -65,8 +67,12 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--sft-steps", type=int, default=150)
+    ap.add_argument("--repeats", type=int, default=2,
+                    help="sync and async runs alternate this many times; figures are summed "
+                    "(this machine's speed drifts between runs)")
     args = ap.parse_args()
     os.chdir(ROOT)
+    runs: dict[int, list[dict[str, Any]]] = {0: [], 2: []}
     with tempfile.TemporaryDirectory(prefix="nebula-bench-") as t:
         tmp = Path(t)
         base = job(tmp, tmp / "model", 0, 1, [{"type": "sft", "steps": args.sft_steps,
@@ -77,27 +83,34 @@ def main() -> int:
         start = run(base, raw=False)
         del start
         ckpt = Path(base.checkpoint.dir) / "export"  # type: ignore[union-attr]
-        results = {}
-        for staleness in (0, 2):
-            print(f"GRPO, max_staleness={staleness}, {args.steps} steps ...", flush=True)
-            results[staleness] = run(job(tmp, ckpt, staleness, args.steps), raw=staleness == 2)
-    sps = {s: r["grpo"]["samples"] / r["grpo"]["wall_s"] for s, r in results.items()}
-    ro = results[2]["grpo"]["rollout"]
-    busy = sum(w["busy_s"] for w in ro)
-    roll_tps = sum(w["tokens"] for w in ro) / busy
-    raw = results[2]["raw"]
-    raw_tps = raw["tokens"] / raw["seconds"]
-    for s in (0, 2):
-        g = results[s]["grpo"]
-        print(f"max_staleness={s}: {g['samples']} samples in {g['wall_s']:.1f}s = "
-              f"{sps[s]:.1f} samples/s; staleness histogram {g['staleness_hist']}")
-    w = ro[0]
-    print(f"rollout (async): {roll_tps:.0f} tok/s over busy time {busy:.1f}s (gen "
-          f"{w['gen_s']:.1f}s = {w['tokens'] / w['gen_s']:.0f} tok/s; weight loads "
-          f"{w['weight_loads']} in {w['weight_load_s']:.1f}s, of it fetching "
-          f"{w['weight_fetch_s']:.1f}s; scoring+writing {w['finish_s']:.1f}s beside generation "
-          f"(verify {w['verify_s']:.1f}s), waited on {w['finish_wait_s']:.1f}s; pacing waits "
-          f"{w['pacing_wait_s']:.1f}s); raw vLLM on the same prompts: {raw_tps:.0f} tok/s")
+        for r in range(args.repeats):
+            for staleness in (0, 2):
+                print(f"GRPO, max_staleness={staleness}, {args.steps} steps "
+                      f"(round {r + 1}/{args.repeats}) ...", flush=True)
+                runs[staleness].append(run(job(tmp, ckpt, staleness, args.steps),
+                                           raw=staleness == 2))
+    sps = {s: sum(x["grpo"]["samples"] for x in rs) / sum(x["grpo"]["wall_s"] for x in rs)
+           for s, rs in runs.items()}
+    workers = [w for x in runs[2] for w in x["grpo"]["rollout"]]
+    busy = sum(w["busy_s"] for w in workers)
+    roll_tps = sum(w["tokens"] for w in workers) / busy
+    raws = [x["raw"] for x in runs[2]]
+    raw_tps = sum(r["tokens"] for r in raws) / sum(r["seconds"] for r in raws)
+    for s, rs in runs.items():
+        for x in rs:
+            g = x["grpo"]
+            print(f"max_staleness={s}: {g['samples']} samples in {g['wall_s']:.1f}s = "
+                  f"{g['samples'] / g['wall_s']:.1f} samples/s; staleness histogram "
+                  f"{g['staleness_hist']}")
+    for x in runs[2]:
+        w, raw = x["grpo"]["rollout"][0], x["raw"]
+        print(f"rollout (async): {w['tokens'] / w['busy_s']:.0f} tok/s over busy time "
+              f"{w['busy_s']:.1f}s (gen {w['gen_s']:.1f}s = {w['tokens'] / w['gen_s']:.0f} tok/s; "
+              f"weight loads {w['weight_loads']} in {w['weight_load_s']:.1f}s, of it fetching "
+              f"{w['weight_fetch_s']:.1f}s; scoring+writing {w['finish_s']:.1f}s beside "
+              f"generation (verify {w['verify_s']:.1f}s), waited on {w['finish_wait_s']:.1f}s; "
+              f"pacing waits {w['pacing_wait_s']:.1f}s); raw vLLM on the same prompts right "
+              f"after: {raw['tokens'] / raw['seconds']:.0f} tok/s")
     print(f"e2e async/sync={sps[2] / sps[0]:.2f} rollout/raw_vllm={roll_tps / raw_tps:.2f}")
     return 0
 

@@ -85,20 +85,24 @@ class WeightUpdateExtension:
         )
 
         model = self.model_runner.model
-        linears = [(m, m.quant_method) for m in model.modules()
+        linears = [(n, m, m.quant_method) for n, m in model.named_modules()
                    if isinstance(getattr(m, "quant_method", None), UnquantizedLinearMethod)]
+        first = not getattr(self, "_nebula_weights_kept", False)
         with set_current_vllm_config(self.vllm_config), torch.no_grad(), \
                 _keep_cpu_linear_weights():
-            if not getattr(self, "_nebula_weights_kept", False):
+            if first:
                 # Once: give the packed linear layers back their checkpoint-layout parameters
                 # (vLLM recorded them at load for its own reloads), to load into from now on.
-                for module, _ in linears:
+                for _, module, _ in linears:
                     info = get_layerwise_info(module)
                     restore_layer_on_meta(module, info)
                     materialize_layer(module, info)
                 self._nebula_weights_kept = True
-            model.load_weights(iter(tensors.items()))
-            for module, method in linears:
+            loaded = model.load_weights(iter(tensors.items()))
+            missing = [f"{n}.weight" for n, _, _ in linears if f"{n}.weight" not in loaded]
+            if first and missing:  # they would hold uninitialised memory
+                raise ValueError(f"the weights have no tensor for {missing[:5]}")
+            for _, module, method in linears:
                 method.process_weights_after_loading(module)  # pack the new weight
 
     def _reprocess_embeddings(self) -> None:
