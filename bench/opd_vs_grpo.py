@@ -50,6 +50,7 @@ def config(name: str, work: Path, model: Path, stages: list[dict[str, Any]],
                            ("learner", ("lr", "groups_per_step", "clip_low", "clip_high",
                                         "is_cap"))):
             data[part].update({k: toy[part][k] for k in keys})
+        data["learner"]["lr_schedule"] = toy["learner"].get("lr_schedule", "constant")
     for k, v in over.items():
         data[k] = {**data.get(k, {}), **v} if isinstance(v, dict) else v
     return load_model(JobConfig, data)
