@@ -282,16 +282,10 @@ def run(job_id: str, redis_url: str, work_dir: Path) -> int:
         store.transition(job_id, ACTIVE, "succeeded", result=_summary(summary))
         print(f"job {job_id} succeeded in {summary.get('wall_s', 0):.1f}s")
         return 0
-    except Cancelled:
-        print(f"job {job_id} cancelled")
-        if reporter:
-            reporter.sync(force=True)
-        store.transition(job_id, ACTIVE, "cancelled", error="cancelled")
-        return 0
     except BaseException as e:  # noqa: BLE001 - any failure ends in a failed record
-        if isinstance(e, SystemExit) and e.code == signal.SIGTERM:
-            # ray.init installs its own SIGTERM handler (sys.exit(15)) over ours: a cancel
-            # that lands after it arrives as this SystemExit.
+        # ray.init installs its own SIGTERM handler (sys.exit(15)) over ours: a cancel that
+        # lands after it arrives as that SystemExit.
+        if isinstance(e, Cancelled) or (isinstance(e, SystemExit) and e.code == signal.SIGTERM):
             print(f"job {job_id} cancelled")
             if reporter:
                 reporter.sync(force=True)
