@@ -16,7 +16,7 @@ test: $(STAMP)
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml scripts/setup.sh
+$(STAMP): pyproject.toml scripts/setup.sh scripts/fetch_assets.sh
 	bash scripts/setup.sh
 	touch $(STAMP)
 

