@@ -129,7 +129,7 @@ class LearnerWorker:
     def run_sft(self, stage_index: int, stage: dict[str, Any], start_step: int = 0
                 ) -> dict[str, Any]:
         from learner.batch import collate_sft
-        from rollout.prompts import load_prompt_rows
+        from nebula.prompts import load_prompt_rows
 
         st = SFTStage.model_validate(stage)
         ds: DatasetConfig = st.dataset or self.cfg.datasets.train[0]
@@ -237,7 +237,8 @@ class LearnerWorker:
             passed = [s.verify.passed for g in groups for s in g.samples]
             stale = [before - g.min_policy_version for g in groups]
             staleness_hist.update(stale)
-            tokens = sum(len(s.completion_ids) for g in groups for s in g.samples)
+            lengths = [len(s.completion_ids) for g in groups for s in g.samples]
+            tokens = sum(lengths)
             samples_total += len(rewards)
             if not isinstance(st, GRPOStage):  # distillation: how far from the teachers
                 scored = [s for g in groups for s in g.samples if len(s.teacher_logprobs)]
@@ -249,6 +250,9 @@ class LearnerWorker:
                 "reward_mean": sum(rewards) / len(rewards),
                 "pass_rate": sum(passed) / len(passed),
                 "staleness_max": max(stale), "staleness_mean": sum(stale) / len(stale),
+                "completion_len_mean": tokens / len(lengths),
+                "truncation_rate": sum(s.truncated for g in groups for s in g.samples)
+                / len(lengths),
                 "tokens": tokens, "tokens_per_s": tokens / max(step_s + wait_s, 1e-9),
                 "step_time_s": step_s, "wait_time_s": wait_s, "publish_time_s": publish_s,
                 "samples_per_s": samples_total / (time.monotonic() - t_stage),

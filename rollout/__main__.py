@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoTokenizer
 
     from rollout.factory import make_engine
-    from rollout.prompts import load_prompt_rows
+    from nebula.prompts import load_prompt_rows
 
     tok = AutoTokenizer.from_pretrained(cfg.model.path)
     rows = load_prompt_rows(cfg.datasets.train[0], tok)[:args.prompts]

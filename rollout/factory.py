@@ -6,6 +6,7 @@ import os
 from typing import Any
 
 from nebula.config.job import JobConfig
+from nebula.prompts import context_len
 
 
 def make_engine(cfg: JobConfig, seed: int) -> Any:
@@ -15,10 +16,8 @@ def make_engine(cfg: JobConfig, seed: int) -> Any:
     kwargs: dict[str, Any] = {}
     if rc.engine == "vllm":
         cache = os.environ.get("VLLM_CACHE_ROOT") or os.path.join(cfg.output_dir, ".vllm-cache")
-        kwargs = {"cache_root": cache}
-        if cfg.model.toy is not None:
-            kwargs["max_model_len"] = cfg.model.toy.max_position
+        kwargs = {"cache_root": cache, "max_model_len": context_len(cfg.model)}
         if cfg.weight_sync_mode() == "nccl":
             kwargs["weight_transfer"] = "nccl"
-    return create_engine(rc.engine, cfg.model.path, dtype=cfg.model.dtype, seed=seed,
+    return create_engine(rc.engine, cfg.model.path, dtype=cfg.rollout_dtype(), seed=seed,
                          kv_cache_gb=rc.kv_cache_gb, **kwargs)

@@ -10,7 +10,7 @@ from learner.losses.opd import group_baseline, opd_token_advantages
 from nebula.v1 import verifier_pb2
 from nebula.v1.trajectory_pb2 import TrajectoryGroup
 from rollout.distill import TeacherScore
-from rollout.prompts import PromptRow
+from nebula.prompts import PromptRow
 
 __all__ = ["build_group", "group_advantages"]
 
@@ -18,7 +18,8 @@ __all__ = ["build_group", "group_advantages"]
 def build_group(*, job_id: str, stage: str, row: PromptRow, samples: list, verdicts: list,
                 version: int, ticket: int, step: int, worker: str,
                 teacher: Sequence[TeacherScore] | None = None, alpha: float = 0.0,
-                baseline: str = "none", top_k: int = 0) -> TrajectoryGroup:
+                baseline: str = "none", top_k: int = 0, truncated: str = "keep",
+                truncated_reward: float = 0.0) -> TrajectoryGroup:
     """samples: engine SampleOut list; verdicts: verifier ItemResult list (same order).
 
     With `teacher` scores (OPD/MOPD), every sample gets per-token advantages
@@ -27,8 +28,18 @@ def build_group(*, job_id: str, stage: str, row: PromptRow, samples: list, verdi
     With `top_k` > 0 the learner matches the teacher's top-k distribution instead: the sample
     keeps the teacher's top-k per token and its per-token advantage is alpha * outcome
     advantage only.
+
+    A completion cut by max_tokens is marked `truncated`; `truncated` (the job's
+    rollout.truncated) says what that means: keep (trained as any other), mask (loss mask 0,
+    so it adds no gradient, but its reward still counts in the group's statistics, as in
+    DAPO's overlong filtering) or penalty (its reward becomes `truncated_reward`).
     """
+    if truncated not in ("keep", "mask", "penalty"):
+        raise ValueError(f"rollout.truncated must be keep, mask or penalty, not {truncated!r}")
+    cut = [s.finish_reason == "length" for s in samples]
     rewards = [v.reward if v.status == "ok" else 0.0 for v in verdicts]
+    if truncated == "penalty":
+        rewards = [truncated_reward if c else r for c, r in zip(cut, rewards)]
     advantages = group_advantages(rewards)
     g = TrajectoryGroup(
         group_id=f"{job_id}:{ticket}", job_id=job_id, stage=stage, prompt_id=row.prompt_id,
@@ -44,8 +55,9 @@ def build_group(*, job_id: str, stage: str, row: PromptRow, samples: list, verdi
         n = len(s.completion_ids)
         sample = g.samples.add(
             completion_ids=s.completion_ids, behaviour_logprobs=s.logprobs,
-            policy_versions=[version] * n, loss_mask=[1] * n, reward=r, advantage=a,
-            completion_text=s.text, finish_reason=s.finish_reason,
+            policy_versions=[version] * n,
+            loss_mask=[0 if cut[i] and truncated == "mask" else 1] * n, reward=r, advantage=a,
+            completion_text=s.text, finish_reason=s.finish_reason, truncated=cut[i],
         )
         if teacher is not None:
             t = teacher[i]

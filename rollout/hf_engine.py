@@ -7,9 +7,9 @@ temperature, top-p applied; raw logits when greedy), gathered at the sampled tok
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
-from rollout.engine import RolloutEngine, SampleOut, blob_to_state_dict
+from rollout.engine import FinishReason, RolloutEngine, SampleOut, blob_to_state_dict
 
 _DTYPES = {"float32", "bfloat16", "float16"}
 
@@ -30,6 +30,12 @@ class HFEngine(RolloutEngine):
         self.model = AutoModelForCausalLM.from_pretrained(
             str(model_path), dtype=getattr(torch, dtype)).to(self.device).eval()
         self.eos_token_id: int = self.tokenizer.eos_token_id
+        # Every id that ends a turn: the generation config's list (e.g. <|im_end|> and
+        # <|endoftext|>) and the tokenizer's EOS, as vLLM stops on both.
+        gen_eos = getattr(self.model.generation_config, "eos_token_id", None)
+        gen_eos = list(gen_eos) if isinstance(gen_eos, (list, tuple)) else [gen_eos]
+        self.eos_ids: list[int] = sorted({int(i) for i in [*gen_eos, self.eos_token_id]
+                                          if i is not None})
         pad = self.tokenizer.pad_token_id
         self.pad_token_id: int = pad if pad is not None else self.eos_token_id
         self.max_batch_rows = max_batch_rows
@@ -41,18 +47,32 @@ class HFEngine(RolloutEngine):
     # ------------------------------------------------------------------------------ generate
 
     def generate(self, prompt_ids: list[list[int]], n: int, temperature: float, top_p: float,
-                 max_tokens: int) -> list[list[SampleOut]]:
+                 max_tokens: int, stop: Sequence[str] = ()) -> list[list[SampleOut]]:
         if not prompt_ids:
             return []
         per_call = max(1, self.max_batch_rows // max(1, n))
         groups: list[list[SampleOut]] = []
         for i in range(0, len(prompt_ids), per_call):
             groups.extend(self._generate_chunk(prompt_ids[i:i + per_call], n, temperature,
-                                               top_p, max_tokens))
+                                               top_p, max_tokens, tuple(stop)))
         return groups
 
+    def _cut(self, ids: list[int], stop: tuple[str, ...]) -> tuple[list[int], FinishReason]:
+        """The completion up to and including its first EOS or stop string."""
+        for j, tok in enumerate(ids):
+            if tok in self.eos_ids:
+                return ids[:j + 1], "stop"
+        if stop:
+            text = ""
+            for j in range(len(ids)):  # the shortest prefix whose text holds a stop string
+                text = self.tokenizer.decode(ids[:j + 1], skip_special_tokens=True)
+                if any(s in text for s in stop):
+                    return ids[:j + 1], "stop"
+        return ids, "length"
+
     def _generate_chunk(self, prompt_ids: list[list[int]], n: int, temperature: float,
-                        top_p: float, max_tokens: int) -> list[list[SampleOut]]:
+                        top_p: float, max_tokens: int, stop: tuple[str, ...] = ()
+                        ) -> list[list[SampleOut]]:
         import torch
         from transformers import GenerationConfig
 
@@ -68,19 +88,21 @@ class HFEngine(RolloutEngine):
         if greedy and n > 1:  # all n greedy samples are the same: compute one, copy it
             return [[SampleOut(list(s.completion_ids), list(s.logprobs), s.text, s.finish_reason)
                      for _ in range(n)] for (s,) in self._generate_chunk(
-                         prompt_ids, 1, temperature, top_p, max_tokens)]
+                         prompt_ids, 1, temperature, top_p, max_tokens, stop)]
         cfg = GenerationConfig(
             do_sample=not greedy, temperature=1.0 if greedy else float(temperature),
             top_p=1.0 if greedy else float(top_p), top_k=None if greedy else 0, min_p=0.0, typical_p=1.0,
             repetition_penalty=1.0, num_beams=1, num_return_sequences=n,
             max_new_tokens=max_tokens, min_new_tokens=0,
-            eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id, bos_token_id=None,
+            eos_token_id=self.eos_ids, pad_token_id=self.pad_token_id, bos_token_id=None,
             output_scores=True, return_dict_in_generate=True, use_cache=True,
+            stop_strings=list(stop) or None,
         )
         with torch.random.fork_rng(devices=[]), torch.inference_mode():
             torch.set_rng_state(self._rng_state)
             out = self.model.generate(input_ids=input_ids.to(self.device),
-                                      attention_mask=mask.to(self.device), generation_config=cfg)
+                                      attention_mask=mask.to(self.device), generation_config=cfg,
+                                      tokenizer=self.tokenizer if stop else None)
             self._rng_state = torch.get_rng_state()
         new = out.sequences[:, width:].cpu()
         # scores: one [rows, vocab] per step, processed (temperature, top-p) -> sampling dist.
@@ -96,11 +118,7 @@ class HFEngine(RolloutEngine):
             group = []
             for j in range(n):
                 row = r0 * n + j  # generate repeats each prompt n times, consecutively
-                ids = new[row, :steps].tolist()
-                reason = "length"
-                if self.eos_token_id in ids:
-                    ids = ids[:ids.index(self.eos_token_id) + 1]
-                    reason = "stop"
+                ids, reason = self._cut(new[row, :steps].tolist(), stop)
                 lps = token_lp[row, :len(ids)].tolist()
                 text = self.tokenizer.decode(ids, skip_special_tokens=True)
                 group.append(SampleOut(completion_ids=ids, logprobs=lps, text=text,

@@ -30,7 +30,7 @@ class RolloutWorker:
         import redis
 
         from rollout.factory import make_engine
-        from rollout.prompts import PromptOrder, load_prompt_rows
+        from nebula.prompts import PromptOrder, load_prompt_rows
         from verifier.client import VerifierClient
 
         from services.embedded import apply_cpu_binding
@@ -213,7 +213,7 @@ class RolloutWorker:
             version = self.sync_weights(min_steps=need)
             t0 = time.monotonic()
             outs = self.engine.generate([r.prompt_ids for r in rows], rc.samples_per_prompt,
-                                        rc.temperature, rc.top_p, rc.max_tokens)
+                                        rc.temperature, rc.top_p, rc.max_tokens, rc.stop)
         self.stats["gen_s"] += time.monotonic() - t0
         return rows, outs, version
 
@@ -242,7 +242,9 @@ class RolloutWorker:
                             verdicts=verdicts[k:k + len(group)], version=version, ticket=t,
                             step=ticket_step(t, G), worker=self.name,
                             teacher=scores[gi] if scores is not None else None, alpha=self.alpha,
-                            baseline=self.baseline, top_k=self.top_k)
+                            baseline=self.baseline, top_k=self.top_k,
+                            truncated=self.cfg.rollout.truncated,
+                            truncated_reward=self.cfg.rollout.truncated_reward)
             k += len(group)
             pipe.xadd(self.keys.stream, {b"g": g.SerializeToString()})
             pipe.hdel(self.keys.inflight(self.name), t)
@@ -258,7 +260,7 @@ class RolloutWorker:
                  samples: int = 1) -> dict[str, Any]:
         """Accuracy on held-out prompts with the newest weights (greedy if temperature 0)."""
         from nebula.config.job import DatasetConfig
-        from rollout.prompts import load_prompt_rows
+        from nebula.prompts import load_prompt_rows
         from verifier.engine import Item
 
         rows = load_prompt_rows(DatasetConfig.model_validate(dataset), self.tokenizer)
@@ -267,7 +269,7 @@ class RolloutWorker:
         with self._engine_lock:
             version = self.sync_weights()
             outs = self.engine.generate([r.prompt_ids for r in rows], n, temperature, 1.0,
-                                        self.cfg.rollout.max_tokens)
+                                        self.cfg.rollout.max_tokens, self.cfg.rollout.stop)
         items = [Item(r.verifier, s.text, r.reference, r.metadata)
                  for r, group in zip(rows, outs) for s in group]
         verdicts = self.verifier.verify(items)
@@ -291,7 +293,7 @@ class RolloutWorker:
         for i in range(0, len(rows), rc.prompts_per_request):
             chunk = rows[i:i + rc.prompts_per_request]
             outs = self.engine.generate([r.prompt_ids for r in chunk], rc.samples_per_prompt,
-                                        rc.temperature, rc.top_p, rc.max_tokens)
+                                        rc.temperature, rc.top_p, rc.max_tokens, rc.stop)
             tokens += sum(len(s.completion_ids) for g in outs for s in g)
         return {"tokens": tokens, "seconds": time.monotonic() - t0}
 

@@ -54,6 +54,13 @@ class JobRunner:
         from services.embedded import embedded_stack
 
         self.out.mkdir(parents=True, exist_ok=True)
+        if self.cfg.model.path.endswith(".gguf"):  # a real checkpoint: import it once
+            from nebula.model_import import ensure_hf_model
+
+            t0 = time.monotonic()
+            src = self.cfg.model.path
+            self.cfg.model.path = ensure_hf_model(src, self.cfg.model.import_dir)
+            self.log(f"model {src} -> {self.cfg.model.path} ({time.monotonic() - t0:.1f}s)")
         if self.cfg.model.toy is not None:
             from learner.toy_model import ensure_toy_model
 
@@ -73,25 +80,34 @@ class JobRunner:
     # -- checks before anything starts -------------------------------------------------------
 
     def preflight(self) -> None:
-        """Errors a job can be refused for before any service starts: a prompt domain that an
-        mopd stage does not route (per-row domains are only known once the rows are read)."""
-        from nebula.config.job import MOPDStage
-
-        mopd = [(i, st) for i, st in enumerate(self.cfg.stages) if isinstance(st, MOPDStage)]
-        if not mopd:
-            return
+        """Errors a job is refused for before any service or worker starts, naming the field,
+        file or row: a context too short for `rollout.max_tokens`, a prompt that does not fit
+        beside it, chat options the tokenizer cannot honour, an unrouted mopd domain."""
         from transformers import AutoTokenizer
 
+        from nebula.config.job import MOPDStage
+        from nebula.prompts import context_len, load_prompt_rows
         from rollout.distill import check_routing
-        from rollout.prompts import load_prompt_rows
 
-        tok = AutoTokenizer.from_pretrained(self.cfg.model.path)
-        domains = [r.domain for d in self.cfg.datasets.train for r in load_prompt_rows(d, tok)]
-        for i, st in mopd:
-            try:
-                check_routing(st, domains)
-            except ValueError as e:
-                raise ValueError(f"stages.{i}.routing: {e}") from None
+        cfg = self.cfg
+        ctx = context_len(cfg.model)
+        budget = ctx - cfg.rollout.max_tokens
+        if budget <= 0:
+            raise ValueError(f"rollout.max_tokens: {cfg.rollout.max_tokens} completion tokens "
+                             f"leave no room for a prompt in the model's {ctx}-token context "
+                             "(model.max_model_len)")
+        tok = AutoTokenizer.from_pretrained(cfg.model.path)
+        train = [r for d in cfg.datasets.train for r in load_prompt_rows(d, tok, budget)]
+        if cfg.datasets.eval is not None:
+            load_prompt_rows(cfg.datasets.eval, tok, budget)
+        for i, st in enumerate(cfg.stages):
+            if isinstance(st, SFTStage) and st.dataset is not None:
+                load_prompt_rows(st.dataset, tok, ctx)
+            if isinstance(st, MOPDStage):
+                try:
+                    check_routing(st, [r.domain for r in train])
+                except ValueError as e:
+                    raise ValueError(f"stages.{i}.routing: {e}") from None
 
     def _check_teachers(self, address: str | None) -> None:
         """Every teacher the stages name is hosted and shares the student's tokenizer."""

@@ -12,7 +12,7 @@ from learner.batch import collate, token_logprobs
 from learner.losses.distill import topk_distill_loss
 from rollout.distill import TeacherScore
 from rollout.groups import build_group
-from rollout.prompts import PromptRow
+from nebula.prompts import PromptRow
 from test_opd import _sample, _verdict  # the fake engine sample / verdict of the OPD tests
 
 

@@ -20,7 +20,7 @@ from nebula.config.job import JobConfig, MOPDStage, OPDStage, ToyModelConfig
 from nebula.config.load import ConfigError, load_model
 from rollout.distill import TeacherScore, UnroutedDomainError, check_routing, route
 from rollout.groups import build_group
-from rollout.prompts import PromptRow
+from nebula.prompts import PromptRow
 
 TOY = dict(hidden_size=64, layers=2, heads=2, intermediate_size=128, max_position=64)
 

@@ -164,6 +164,27 @@ def test_eos_is_kept(engine: RolloutEngine, prompt_ids: list[list[int]]) -> None
     assert any(s.finish_reason == "length" for g in groups for s in g)
 
 
+def test_stop_strings_end_completions(engine: RolloutEngine, prompt_ids: list[list[int]],
+                                      toy: Path) -> None:
+    # Characters of the toy's alphabet as stop strings: with ~10% of the mass on them per
+    # token, most of 64 samples of 40 tokens stop at one, and each keeps it as its last text.
+    stop = list("aeiou")
+    tok = AutoTokenizer.from_pretrained(toy)
+    groups = engine.generate(prompt_ids, n=16, temperature=1.0, top_p=1.0, max_tokens=40,
+                             stop=stop)
+    assert [len(g) for g in groups] == [16] * len(prompt_ids)
+    samples = [s for g in groups for s in g]
+    by_string = [s for s in samples if s.finish_reason == "stop" and s.completion_ids[-1] != EOS]
+    assert len(by_string) > len(samples) // 2
+    for s in by_string:
+        assert s.text[-1] in stop and not any(c in s.text[:-1] for c in stop), s.text
+        assert s.text == tok.decode(s.completion_ids, skip_special_tokens=True)
+        assert len(s.logprobs) == len(s.completion_ids)
+    for s in samples:
+        if s.finish_reason == "length":
+            assert len(s.completion_ids) == 40 and not any(c in s.text for c in stop)
+
+
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_logprobs_match_transformers(engine: RolloutEngine, prompt_ids: list[list[int]],
                                      ref_model, temperature: float) -> None:

@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Sample(_message.Message):
-    __slots__ = ("completion_ids", "behaviour_logprobs", "policy_versions", "loss_mask", "reward", "advantage", "token_advantages", "teacher_logprobs", "teacher", "teacher_version", "verify", "completion_text", "finish_reason", "teacher_top_k", "teacher_top_ids", "teacher_top_logprobs")
+    __slots__ = ("completion_ids", "behaviour_logprobs", "policy_versions", "loss_mask", "reward", "advantage", "token_advantages", "teacher_logprobs", "teacher", "teacher_version", "verify", "completion_text", "finish_reason", "teacher_top_k", "teacher_top_ids", "teacher_top_logprobs", "truncated")
     COMPLETION_IDS_FIELD_NUMBER: _ClassVar[int]
     BEHAVIOUR_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     POLICY_VERSIONS_FIELD_NUMBER: _ClassVar[int]
@@ -25,6 +25,7 @@ class Sample(_message.Message):
     TEACHER_TOP_K_FIELD_NUMBER: _ClassVar[int]
     TEACHER_TOP_IDS_FIELD_NUMBER: _ClassVar[int]
     TEACHER_TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    TRUNCATED_FIELD_NUMBER: _ClassVar[int]
     completion_ids: _containers.RepeatedScalarFieldContainer[int]
     behaviour_logprobs: _containers.RepeatedScalarFieldContainer[float]
     policy_versions: _containers.RepeatedScalarFieldContainer[int]
@@ -41,7 +42,8 @@ class Sample(_message.Message):
     teacher_top_k: int
     teacher_top_ids: _containers.RepeatedScalarFieldContainer[int]
     teacher_top_logprobs: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, completion_ids: _Optional[_Iterable[int]] = ..., behaviour_logprobs: _Optional[_Iterable[float]] = ..., policy_versions: _Optional[_Iterable[int]] = ..., loss_mask: _Optional[_Iterable[int]] = ..., reward: _Optional[float] = ..., advantage: _Optional[float] = ..., token_advantages: _Optional[_Iterable[float]] = ..., teacher_logprobs: _Optional[_Iterable[float]] = ..., teacher: _Optional[str] = ..., teacher_version: _Optional[str] = ..., verify: _Optional[_Union[_verifier_pb2.VerifyResult, _Mapping]] = ..., completion_text: _Optional[str] = ..., finish_reason: _Optional[str] = ..., teacher_top_k: _Optional[int] = ..., teacher_top_ids: _Optional[_Iterable[int]] = ..., teacher_top_logprobs: _Optional[_Iterable[float]] = ...) -> None: ...
+    truncated: bool
+    def __init__(self, completion_ids: _Optional[_Iterable[int]] = ..., behaviour_logprobs: _Optional[_Iterable[float]] = ..., policy_versions: _Optional[_Iterable[int]] = ..., loss_mask: _Optional[_Iterable[int]] = ..., reward: _Optional[float] = ..., advantage: _Optional[float] = ..., token_advantages: _Optional[_Iterable[float]] = ..., teacher_logprobs: _Optional[_Iterable[float]] = ..., teacher: _Optional[str] = ..., teacher_version: _Optional[str] = ..., verify: _Optional[_Union[_verifier_pb2.VerifyResult, _Mapping]] = ..., completion_text: _Optional[str] = ..., finish_reason: _Optional[str] = ..., teacher_top_k: _Optional[int] = ..., teacher_top_ids: _Optional[_Iterable[int]] = ..., teacher_top_logprobs: _Optional[_Iterable[float]] = ..., truncated: _Optional[bool] = ...) -> None: ...
 
 class TrajectoryGroup(_message.Message):
     __slots__ = ("group_id", "job_id", "stage", "prompt_id", "domain", "prompt_ids", "prompt_text", "reference", "samples", "min_policy_version", "max_policy_version", "rollout_worker", "created_unix", "ticket", "step")
