@@ -15,6 +15,8 @@ verifier_app = typer.Typer(help="The verifier service.", no_args_is_help=True)
 app.add_typer(verifier_app, name="verifier")
 teacher_app = typer.Typer(help="The teacher-logprob service (OPD/MOPD).", no_args_is_help=True)
 app.add_typer(teacher_app, name="teacher")
+model_app = typer.Typer(help="Model checkpoints (GGUF import).", no_args_is_help=True)
+app.add_typer(model_app, name="model")
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -66,6 +68,29 @@ def teacher_serve(
         if value is not None:
             argv += [flag, str(value)]
     raise typer.Exit(teacher_main(argv))
+
+
+@model_app.command("import")
+def model_import(
+    src: Annotated[Path, typer.Argument(help="GGUF file (llama.cpp format)")],
+    out: Annotated[Path, typer.Argument(help="Hugging Face checkpoint dir to write")],
+    dtype: Annotated[str, typer.Option(help="weight dtype: float32 | bfloat16 | float16")] = "float32",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace a non-empty OUT")] = False,
+) -> None:
+    """Import a GGUF file as a Hugging Face checkpoint dir (for transformers and vLLM)."""
+    import time
+
+    from nebula.model_import import ModelImportError, checkpoint_summary, import_gguf
+
+    t0 = time.monotonic()
+    try:
+        path = import_gguf(src, out, dtype, overwrite=overwrite)
+    except (ModelImportError, OSError, ValueError) as e:
+        _fail(str(e))
+    s = checkpoint_summary(path)
+    typer.echo(f"imported {src} -> {path}\n  architecture {s['architecture']}, "
+               f"{s['parameters']:,} parameters, vocab {s['vocab_size']:,}, {s['dtype']}, "
+               f"{time.monotonic() - t0:.1f} s")
 
 
 @app.command()
