@@ -22,6 +22,7 @@ BUILTINS: dict[str, str] = {
     "ifeval": "verifier.builtin.ifeval:IFEvalVerifier",
     "exact": "verifier.builtin.simple:ExactVerifier",
     "regex": "verifier.builtin.simple:RegexVerifier",
+    "reasoning_gym": "verifier.builtin.reasoning_gym:ReasoningGymVerifier",
 }
 
 

@@ -1,1 +1,1 @@
-"""Built-in verifiers: math, code, ifeval, exact, regex."""
+"""Built-in verifiers: math, code, ifeval, exact, regex, reasoning_gym."""
