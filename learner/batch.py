@@ -7,6 +7,9 @@ token j of a sample with prompt length P sits at input position P + j and is pre
 column P + j - 1. `mask[b, t]` is 1 exactly at the columns that predict a completion token
 whose `loss_mask` is 1 (when a prompt is empty, the first completion token has no predicting
 position and is left out).
+
+This is the layout the losses see. How a micro-batch's sequences reach the model (padded rows
+or one packed row) is `learner.packing`'s business; log-probs come back in this layout.
 """
 
 from __future__ import annotations
@@ -60,16 +63,27 @@ class Batch:
     def to(self, device: Any) -> Batch:
         return Batch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
 
-    def slice(self, start: int, end: int) -> Batch:
-        """Rows [start, end), with the padding columns beyond the slice's longest row dropped."""
-        rows = {f.name: getattr(self, f.name)[start:end] for f in fields(self)}
-        length = int(rows["attention_mask"].sum(dim=-1).max()) if end > start else 1
+    @property
+    def lengths(self) -> torch.Tensor:
+        """[B] real (unpadded) tokens of each row."""
+        return self.attention_mask.sum(dim=-1)
+
+    def select(self, index: Sequence[int] | torch.Tensor) -> Batch:
+        """The rows `index` (in that order), with the padding columns beyond their longest row
+        dropped."""
+        idx = torch.as_tensor(index, dtype=torch.long, device=self.input_ids.device)
+        rows = {f.name: getattr(self, f.name).index_select(0, idx) for f in fields(self)}
+        length = int(rows["attention_mask"].sum(dim=-1).max()) if idx.numel() else 1
         length = max(length, 2)
         for name, value in rows.items():
             if value.dim() >= 2:
                 width = length if name in ("input_ids", "attention_mask") else length - 1
                 rows[name] = value[:, :width]
         return Batch(**rows)
+
+    def slice(self, start: int, end: int) -> Batch:
+        """Rows [start, end), with the padding columns beyond the slice's longest row dropped."""
+        return self.select(range(start, end))
 
     def micro_batches(self, size: int) -> list[Batch]:
         """Consecutive slices of at most `size` rows."""
@@ -196,21 +210,16 @@ def collate_sft(pairs: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: in
 
 def token_logprobs(model: Any, batch: Batch, temperature: float = 1.0,
                    with_top: bool = False) -> Any:
-    """[B, L - 1] log_softmax(logits / temperature) at the next token of every position.
+    """[B, L - 1] log_softmax(logits / temperature) at the next token of every position that
+    predicts a completion token (0 at the other columns), computed chunk by chunk in float32.
 
-    `model` is a causal LM (a Hugging Face model or a DeepSpeed engine wrapping one).
-    Computed in float32 whatever the model dtype. With `with_top`, returns a pair: those and
-    [B, L - 1, k] the same log-probs at the batch's teacher top-k ids.
+    `model` is a Hugging Face causal LM or a DeepSpeed engine wrapping one. With `with_top`,
+    returns a pair: those and [B, L - 1, k] the same log-probs at the batch's teacher top-k
+    ids. A convenience over `learner.logprobs.micro_batch_logprobs` for a padded batch.
     """
-    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-    logits = out.logits if hasattr(out, "logits") else out[0]
-    logits = logits[:, :-1].float()
-    if temperature != 1.0:
-        logits = logits / temperature
-    targets = batch.input_ids[:, 1:].unsqueeze(-1)
-    picked = torch.gather(logits, -1, targets).squeeze(-1)
-    norm = torch.logsumexp(logits, dim=-1)
-    if not with_top:
-        return picked - norm
-    top = torch.gather(logits, -1, batch.teacher_top_ids) - norm.unsqueeze(-1)
-    return picked - norm, top
+    from learner.logprobs import micro_batch_logprobs
+    from learner.packing import padded_micro_batch
+
+    out = micro_batch_logprobs(model, padded_micro_batch(batch), temperature,
+                               with_top=with_top)
+    return (out.token, out.top) if with_top else out.token

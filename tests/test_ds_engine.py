@@ -3,9 +3,10 @@ checkpoint round trips and Hugging Face export (ZeRO-2, plus one ZeRO-3 test).""
 
 from __future__ import annotations
 
+import math
 import random
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pytest
 
@@ -19,6 +20,18 @@ from nebula.v1.trajectory_pb2 import TrajectoryGroup  # noqa: E402
 
 TINY = ToyModelConfig(hidden_size=64, layers=2, heads=2, intermediate_size=128,
                       max_position=64, seed=0)
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    """Tiny models: with two OpenMP threads on a shared 2-core machine, thread hand-offs cost
+    ~100x the matmuls (a step 3 s instead of 0.03 s)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
 
 
 @pytest.fixture(scope="module")
@@ -247,3 +260,137 @@ def test_zero3_step_blob_and_checkpoint(model_dir: str, tmp_path: Path) -> None:
         a.close()
         if b is not None:
             b.close()
+
+
+# ---------------------------------------------------------------- micro-batching, precision
+
+_STEPS: dict[tuple, tuple[dict, dict]] = {}
+
+
+def _sgd_step(model_dir: str, **kw: Any) -> tuple[dict, dict]:
+    """Metrics and weights after one SGD step on `_groups(3, 3)` (cached per config)."""
+    key = tuple(sorted((k, str(v)) for k, v in kw.items()))
+    if key not in _STEPS:
+        eng = _engine(model_dir, sgd=True, **kw)
+        try:
+            m = eng.grpo_step(_groups(n_groups=3, n=3, seed=7))
+            _STEPS[key] = (m, _weights(eng))
+        finally:
+            eng.close()
+    return _STEPS[key]
+
+
+def _assert_same_step(a: tuple[dict, dict], b: tuple[dict, dict]) -> None:
+    (ma, wa), (mb, wb) = a, b
+    assert ma["loss"] == pytest.approx(mb["loss"], rel=1e-5, abs=1e-7)
+    assert ma["grad_norm"] == pytest.approx(mb["grad_norm"], rel=1e-4)
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("norm", ["token", "sequence"])
+def test_token_budget_and_packing_give_the_same_step(model_dir: str, norm: str) -> None:
+    """Fixed-count micro-batches, token-budget padded ones and packed rows: same loss, grad
+    norm and updated weights (float32, tolerance 1e-4 relative: sums in another order)."""
+    fixed = _sgd_step(model_dir, micro_batch=2, loss_norm=norm)
+    padded = _sgd_step(model_dir, micro_batch=2, loss_norm=norm, max_tokens_per_micro_batch=20,
+                       packing=False, logits_chunk=5)
+    packed = _sgd_step(model_dir, micro_batch=2, loss_norm=norm, max_tokens_per_micro_batch=20,
+                       packing=True, logits_chunk=5)
+    assert fixed[0]["micro_batches"] == 5 and fixed[0]["pad_frac"] > 0
+    assert packed[0]["pad_frac"] == 0 and packed[0]["micro_batches"] < fixed[0]["micro_batches"]
+    for other in (padded, packed):
+        _assert_same_step(other, fixed)
+        assert other[0]["entropy"] == pytest.approx(fixed[0]["entropy"], rel=1e-5)
+
+
+def test_activation_checkpointing_same_gradients(model_dir: str) -> None:
+    _assert_same_step(_sgd_step(model_dir, micro_batch=2, activation_checkpointing=True),
+                      _sgd_step(model_dir, micro_batch=2, loss_norm="token"))
+
+
+@pytest.mark.parametrize("stage", [0, 1, 3])
+def test_zero_stages_with_packing_checkpointing_and_chunks(model_dir: str, stage: int) -> None:
+    """Chunked log-probs, packed rows and activation checkpointing under every ZeRO stage
+    (ZeRO-3 partitions the tied embedding / LM head): the step of ZeRO-2 without them."""
+    _assert_same_step(
+        _sgd_step(model_dir, zero_stage=stage, micro_batch=2, max_tokens_per_micro_batch=20,
+                  packing=True, activation_checkpointing=True, logits_chunk=3),
+        _sgd_step(model_dir, micro_batch=2, loss_norm="token"))
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_bf16_keeps_fp32_master_weights_and_adam_states(model_dir: str, stage: int) -> None:
+    from learner.ds_engine import DSLearnerEngine
+
+    eng = DSLearnerEngine(model_dir, _cfg(zero_stage=stage, micro_batch=2,
+                                          max_tokens_per_micro_batch=20),
+                          dtype="bfloat16")
+    try:
+        assert all(p.dtype == torch.bfloat16 for p in eng.module.parameters())
+        before = _weights(eng)
+        m = eng.grpo_step(_groups(n_groups=3, n=3, seed=7))
+        assert math.isfinite(m["loss"]) and m["grad_norm"] > 0 and m["step_applied"] == 1
+        inner = eng.optimizer.optimizer  # the torch AdamW inside DeepSpeed's bf16 wrapper
+        master = [p for g in inner.param_groups for p in g["params"]]
+        assert master and all(p.dtype == torch.float32 for p in master)
+        states = [t for s in inner.state.values() for t in s.values()
+                  if torch.is_tensor(t) and t.dim() > 0]
+        assert states and all(t.dtype == torch.float32 for t in states)
+        n_master = sum(p.numel() for p in master)
+        assert n_master >= sum(p.numel() for p in eng.module.parameters())
+        after = _weights(eng)
+        assert any(not torch.equal(before[k], after[k]) for k in before)
+    finally:
+        eng.close()
+
+
+def test_grpo_step_reports_learner_engine_mismatch(model_dir: str) -> None:
+    """Behaviour log-probs equal to the learner's own on fresh samples: no mismatch there;
+    stale samples carry a known offset."""
+    eng = _engine(model_dir, micro_batch=2, max_tokens_per_micro_batch=20)
+    try:
+        groups = _groups(n_groups=2, n=3, seed=5)
+        own = iter(eng.logprobs(groups))
+        for g, group in enumerate(groups):
+            for s in group.samples:
+                lps = next(own)
+                stale = g == 1
+                del s.behaviour_logprobs[:]
+                s.behaviour_logprobs.extend([x - (0.5 if stale else 0.0) for x in lps])
+                del s.policy_versions[:]
+                s.policy_versions.extend([-1 if stale else 0] * len(lps))
+        m = eng.grpo_step(groups)
+        n_fresh = sum(len(s.completion_ids) for s in groups[0].samples)
+        n_all = n_fresh + sum(len(s.completion_ids) for s in groups[1].samples)
+        assert m["mismatch_tokens"] == n_all and m["mismatch_fresh_tokens"] == n_fresh
+        assert m["logprob_diff_abs_mean_fresh"] < 1e-5 and m["mismatch_kl_k3_fresh"] < 1e-9
+        stale_frac = (n_all - n_fresh) / n_all
+        assert m["logprob_diff_abs_mean"] == pytest.approx(0.5 * stale_frac, rel=1e-4)
+        assert m["mismatch_kl_k3"] == pytest.approx((math.exp(0.5) - 1.5) * stale_frac, rel=1e-4)
+    finally:
+        eng.close()
+
+
+def test_topk_distillation_step_packed_matches_fixed(model_dir: str) -> None:
+    """OPD with the teacher's top-k: the distillation term, normalised over the whole batch,
+    is the same whether sequences are packed or padded."""
+    rng = random.Random(11)
+    groups = _groups(n_groups=2, n=3, seed=9)
+    for g in groups:
+        for s in g.samples:
+            c = len(s.completion_ids)
+            s.teacher_top_k = 2
+            s.teacher_top_ids.extend(rng.randrange(3, 90) for _ in range(2 * c))
+            s.teacher_top_logprobs.extend(-rng.uniform(0.1, 3.0) for _ in range(2 * c))
+    results = []
+    for kw in ({"micro_batch": 2}, {"max_tokens_per_micro_batch": 16, "packing": True}):
+        eng = _engine(model_dir, sgd=True, logits_chunk=4, **kw)
+        try:
+            m = eng.grpo_step(groups)
+            results.append((m, _weights(eng)))
+        finally:
+            eng.close()
+    assert results[0][0]["distill_kl"] > 0
+    assert results[1][0]["distill_kl"] == pytest.approx(results[0][0]["distill_kl"], rel=1e-5)
+    _assert_same_step(results[1], results[0])

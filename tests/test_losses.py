@@ -216,6 +216,37 @@ def test_collate_alignment() -> None:
     assert [mb.size for mb in b.micro_batches(1)] == [1, 1]
 
 
+def test_logprob_mismatch_metrics() -> None:
+    """|old - beh| and k3 = exp(d) - d - 1 over tokens with behaviour log-probs, and over the
+    fresh ones (policy version == the learner's)."""
+    from learner.losses.mismatch import LogprobMismatch
+
+    b = collate([_group()], pad_id=0)
+    d_rows = [[0.1, -0.2], [0.0, 0.3, 0.0, -0.1]]  # old - beh per completion token
+    old = b.behaviour_logprobs.clone()
+    old[0, 2:4] += torch.tensor(d_rows[0])
+    old[1, 2:6] += torch.tensor(d_rows[1])
+    old[0, 0] = 9.0  # a prompt position: no behaviour log-prob, left out
+    acc = LogprobMismatch()
+    acc.add(old, b, version=5)  # sample 0's first token is version 4: stale
+    m = acc.metrics()
+    d_all = d_rows[0] + d_rows[1]
+    d_fresh = d_rows[0][1:] + d_rows[1]
+
+    def k3(ds: list[float]) -> float:
+        return sum(math.exp(x) - x - 1 for x in ds) / len(ds)
+
+    assert m["mismatch_tokens"] == 6 and m["mismatch_fresh_tokens"] == 5
+    assert m["logprob_diff_abs_mean"] == pytest.approx(0.7 / 6, abs=1e-6)
+    assert m["logprob_diff_abs_max"] == pytest.approx(0.3, abs=1e-6)
+    assert m["mismatch_kl_k3"] == pytest.approx(k3(d_all), abs=1e-7)
+    assert m["logprob_diff_abs_mean_fresh"] == pytest.approx(0.6 / 5, abs=1e-6)
+    assert m["mismatch_kl_k3_fresh"] == pytest.approx(k3(d_fresh), abs=1e-7)
+    acc.add(old, b, version=5)  # sums over micro-batches: the means stay
+    assert acc.metrics()["mismatch_kl_k3"] == pytest.approx(k3(d_all), abs=1e-7)
+    assert acc.metrics()["mismatch_tokens"] == 12
+
+
 def test_collate_rejects_length_mismatch_and_sft_pairs() -> None:
     g = TrajectoryGroup(prompt_ids=[1, 2])
     g.samples.add(completion_ids=[3, 4], loss_mask=[1])
@@ -227,31 +258,27 @@ def test_collate_rejects_length_mismatch_and_sft_pairs() -> None:
     assert b.input_ids[:, 1:][b.mask > 0].tolist() == [3, 4, 5, 7]
 
 
-class _BigramLM(torch.nn.Module):
-    """logits[b, t] = table[input_ids[b, t]]: a model whose log-probs are known in closed form."""
-
-    def __init__(self, vocab: int) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.table = torch.nn.Parameter(torch.randn(vocab, vocab))
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                use_cache: bool = False) -> tuple[torch.Tensor]:
-        return (self.table[input_ids],)
-
-
 def test_token_logprobs_gathers_next_tokens() -> None:
-    model = _BigramLM(40)
+    """log_softmax(logits / T) of the next token at the completion positions, 0 elsewhere
+    (chunked; tests/test_logprobs.py compares gradients, top-k and packing)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=16, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1,
+                                         intermediate_size=32, max_position_embeddings=16))
     b: Batch = collate([_group()], pad_id=0)
+    with torch.no_grad():
+        logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
     for temp in (1.0, 0.7):
         lp = token_logprobs(model, b, temperature=temp)
         assert lp.shape == (2, 6)
-        table = torch.log_softmax(model.table.detach() / temp, dim=-1)
+        table = torch.log_softmax(logits[:, :-1] / temp, dim=-1)
         for row in range(2):
             ids = b.input_ids[row].tolist()
             for t in range(6):
-                assert lp[row, t].item() == pytest.approx(table[ids[t], ids[t + 1]].item(),
-                                                          abs=1e-5)
+                want = table[row, t, ids[t + 1]].item() if b.completion_mask[row, t] else 0.0
+                assert lp[row, t].item() == pytest.approx(want, abs=1e-5)
 
 
 def test_cosine_lr_schedules() -> None:

@@ -1,0 +1,148 @@
+"""Micro-batches of an optimizer batch: which sequences go together, and how they are laid out
+as model input.
+
+The losses always see a micro-batch as a `Batch`: one padded row per sequence, per-token
+fields aligned with the predicting positions (see `learner.batch`). The model may see the same
+sequences in one of two layouts:
+
+* padded: one right-padded row per sequence (the `Batch`'s own `input_ids`). A causal LM needs
+  no attention mask for right padding: real positions only attend to earlier, real, positions,
+  and the padding positions' outputs are never read.
+* packed: ONE row, the sequences' real tokens concatenated with per-sequence `position_ids`
+  restarting at 0 and no padding. Attention must stay within each sequence: transformers
+  detects the packing from `position_ids` when no attention mask is given and builds a
+  block-diagonal causal mask (sdpa/eager), and `learner.logprobs`' segment attention runs
+  each sequence separately instead (`cu_seq_lens`).
+
+Either way a micro-batch carries `src`/`dst`, the flat positions of the scored tokens in the
+model's rows and in the `Batch`'s [S, T] layout, so log-probs computed on the model's layout
+are scattered back to the layout the losses use: per-sequence normalisation, group indices and
+every sequence-level metric stay as they are without packing.
+
+Grouping: `micro_batch` sequences at a time in order (no token budget), or with
+`max_tokens_per_micro_batch` by tokens: first-fit decreasing over the sequences sorted by
+length, so that each micro-batch costs at most the budget (packed: the sum of its lengths;
+padded: rows x longest row, what the forward pass actually processes); a sequence longer than
+the budget goes alone. The losses are normalised by the whole optimizer batch's token and
+sequence counts, so the grouping does not change the gradient.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from learner.batch import Batch
+
+
+@dataclass
+class MicroBatch:
+    """One forward/backward pass: its sequences (for the losses) and the model's input rows."""
+
+    batch: Batch                        # the sequences, padded per-token layout [S, T]
+    index: torch.Tensor                 # [S] their rows in the optimizer batch
+    input_ids: torch.Tensor             # [R, N] model input rows
+    position_ids: torch.Tensor | None   # [R, N] (packed: restarting at 0 per sequence)
+    seq_lens: list[int] | None          # packed: the sequences' lengths along the one row
+    src: torch.Tensor                   # [M] scored positions, flat in the rows [R * N]
+    dst: torch.Tensor                   # [M] the same positions, flat in the batch [S * T]
+
+    @property
+    def packed(self) -> bool:
+        return self.seq_lens is not None
+
+    @property
+    def model_tokens(self) -> int:
+        """Tokens the forward pass processes (padding included)."""
+        return int(self.input_ids.numel())
+
+    @property
+    def real_tokens(self) -> int:
+        """Tokens of the sequences (no padding)."""
+        return int(self.batch.lengths.sum())
+
+    def targets(self) -> torch.Tensor:
+        """[M] the token each scored position predicts."""
+        return self.batch.input_ids[:, 1:].reshape(-1).index_select(0, self.dst)
+
+    def top_ids(self) -> torch.Tensor | None:
+        """[M, k] the teacher's top-k ids at the scored positions (None when k = 0)."""
+        ids = self.batch.teacher_top_ids
+        if ids.shape[-1] == 0:
+            return None
+        return ids.reshape(-1, ids.shape[-1]).index_select(0, self.dst)
+
+
+def _scored(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row, column) of every position that predicts a completion token: the only positions
+    whose log-probs any loss or metric reads, so the LM head skips prompts and padding."""
+    rows, cols = torch.nonzero(batch.completion_mask > 0, as_tuple=True)
+    return rows, cols
+
+
+def padded_micro_batch(batch: Batch, index: torch.Tensor | None = None) -> MicroBatch:
+    """The sequences of `batch` as right-padded rows, one per sequence."""
+    rows, cols = _scored(batch)
+    T, L = batch.mask.shape[1], batch.input_ids.shape[1]
+    if index is None:
+        index = torch.arange(batch.size, device=batch.input_ids.device)
+    return MicroBatch(batch=batch, index=index, input_ids=batch.input_ids, position_ids=None,
+                      seq_lens=None, src=rows * L + cols, dst=rows * T + cols)
+
+
+def packed_micro_batch(batch: Batch, index: torch.Tensor | None = None) -> MicroBatch:
+    """The sequences of `batch` concatenated into one row without padding."""
+    dev = batch.input_ids.device
+    lens = [int(n) for n in batch.lengths.tolist()]
+    ids = torch.cat([batch.input_ids[s, :n] for s, n in enumerate(lens)]).unsqueeze(0)
+    pos = torch.cat([torch.arange(n, device=dev) for n in lens]).unsqueeze(0)
+    offsets = torch.tensor([0] + lens[:-1], device=dev).cumsum(0)
+    rows, cols = _scored(batch)
+    T = batch.mask.shape[1]
+    if index is None:
+        index = torch.arange(batch.size, device=dev)
+    return MicroBatch(batch=batch, index=index, input_ids=ids, position_ids=pos, seq_lens=lens,
+                      src=offsets[rows] + cols, dst=rows * T + cols)
+
+
+def token_bins(lengths: Sequence[int], max_tokens: int, packing: bool) -> list[list[int]]:
+    """Sequence indices grouped so that each group costs at most `max_tokens` (packed: sum of
+    lengths; padded: count x longest), first-fit decreasing; an over-long sequence is alone.
+    Groups hold their sequences longest first."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    bins: list[list[int]] = []
+    cost: list[int] = []
+    for i in order:
+        n = int(lengths[i])
+        for b, members in enumerate(bins):
+            # Sorted longest first: a bin's first member is its longest row.
+            new = cost[b] + n if packing else (len(members) + 1) * lengths[members[0]]
+            if new <= max_tokens:
+                members.append(i)
+                cost[b] = new
+                break
+        else:
+            bins.append([i])
+            cost.append(n)
+    return bins
+
+
+def plan_micro_batches(batch: Batch, micro_batch: int, max_tokens: int | None = None,
+                       packing: bool = True) -> list[MicroBatch]:
+    """The micro-batches of one optimizer step (see the module docstring): `micro_batch`
+    consecutive sequences each (padded) when `max_tokens` is None, else token-budget groups,
+    packed into one row each when `packing`."""
+    if max_tokens is None:
+        size = max(int(micro_batch), 1)
+        groups = [list(range(i, min(i + size, batch.size))) for i in range(0, batch.size, size)]
+        packing = False
+    else:
+        groups = token_bins([int(n) for n in batch.lengths.tolist()], int(max_tokens), packing)
+    make = packed_micro_batch if packing else padded_micro_batch
+    out = []
+    for g in groups:
+        index = torch.tensor(g, dtype=torch.long, device=batch.input_ids.device)
+        out.append(make(batch.select(index), index))
+    return out
