@@ -61,13 +61,18 @@ class DSLearnerEngine(EngineWeights):
             optimizer step per batch, and one forward cheaper).
         version: policy version of the initial weights.
         ds_config: entries merged over the generated DeepSpeed config.
+        mlp_tile_tokens: with cfg.activation_checkpointing, the MLP of a recomputed layer runs
+            in checkpointed tiles of this many tokens (`learner.ds_setup.tile_mlps`: a
+            recomputed layer then holds ~1/3 of its activations, for one more MLP forward per
+            layer); None: whole micro-batches.
     """
 
     def __init__(self, model_path: str, cfg: LearnerConfig, dtype: str = "float32",
                  temperature: float = 1.0, reference: bool = False, *,
                  optimizer: Any | Callable[[Any], Any] | None = None,
                  recompute_old_logprobs: bool = True, version: int = 0,
-                 ds_config: dict[str, Any] | None = None) -> None:
+                 ds_config: dict[str, Any] | None = None,
+                 mlp_tile_tokens: int | None = None) -> None:
         t0 = time.perf_counter()
         import torch
 
@@ -105,7 +110,7 @@ class DSLearnerEngine(EngineWeights):
 
         torch.manual_seed(cfg.seed)
         model = load_hf_model(self.model_path, dtype)
-        prepare_trained_model(model, cfg)
+        prepare_trained_model(model, cfg, mlp_tile_tokens)
         mc = model.config
         pad = getattr(mc, "pad_token_id", None)
         if pad is None:

@@ -34,14 +34,17 @@ def load_hf_model(model_path: str, dtype: str) -> Any:
     return model
 
 
-def prepare_trained_model(model: Any, cfg: LearnerConfig) -> None:
+def prepare_trained_model(model: Any, cfg: LearnerConfig,
+                          mlp_tile_tokens: int | None = None) -> None:
     """Training-time switches of the model the engine trains: no KV cache, and with
     `cfg.activation_checkpointing` transformers' gradient checkpointing of every decoder layer
     (non-reentrant: works with keyword inputs and ZeRO-3, and the backward recomputes each
-    layer from its saved input)."""
+    layer from its saved input), plus, with `mlp_tile_tokens`, tiled MLPs (`tile_mlps`)."""
     model.config.use_cache = False
     if cfg.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if mlp_tile_tokens:
+            tile_mlps(model, int(mlp_tile_tokens))
 
 
 def ds_config(cfg: LearnerConfig, dtype: str, default_optimizer: bool,
@@ -77,3 +80,36 @@ def merge(base: dict, extra: dict) -> dict:
     for k, v in extra.items():
         out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
+
+
+def tile_mlps(model: Any, tile_tokens: int) -> int:
+    """Run each decoder layer's MLP over at most `tile_tokens` tokens at a time, each tile
+    under non-reentrant checkpoint, when autograd records in training mode. Meant for
+    activation checkpointing: when the backward pass recomputes a layer, its MLP's
+    [tokens, intermediate] activations (gate, up, act, act*up: ~2/3 of what a recomputed layer
+    holds) would exist for the whole micro-batch at once; tiled, for one tile (as in
+    DeepSpeed's TiledMLP / ALST), at the cost of one more MLP forward per layer. Exact: the MLP
+    is per token. The module's `forward` is swapped on the instance, so parameter names and
+    ZeRO-3's hooks (on the projections) are unchanged. Returns the number of MLPs tiled."""
+    import torch
+    from torch.utils.checkpoint import checkpoint
+
+    layers = getattr(model.get_decoder(), "layers", None) or []
+    count = 0
+    for layer in layers:
+        mlp = getattr(layer, "mlp", None)
+        if mlp is None:
+            continue
+        inner = mlp.forward
+
+        def forward(x: Any, _inner: Any = inner, _mlp: Any = mlp) -> Any:
+            tokens = x.shape[:-1].numel()
+            if tokens <= tile_tokens or not (torch.is_grad_enabled() and _mlp.training):
+                return _inner(x)
+            flat = x.reshape(tokens, x.shape[-1])
+            out = [checkpoint(_inner, t, use_reentrant=False) for t in flat.split(tile_tokens)]
+            return torch.cat(out).view(*x.shape[:-1], -1)
+
+        mlp.forward = forward
+        count += 1
+    return count

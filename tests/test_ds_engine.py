@@ -57,7 +57,8 @@ def _engine(model_dir: str, sgd: bool = False, **kw: Any) -> Any:
     from learner.ds_engine import DSLearnerEngine
 
     opt = (lambda params: torch.optim.SGD(params, lr=1.0)) if sgd else None
-    return DSLearnerEngine(model_dir, _cfg(**kw), optimizer=opt)
+    tiles = kw.pop("mlp_tile_tokens", None)
+    return DSLearnerEngine(model_dir, _cfg(**kw), optimizer=opt, mlp_tile_tokens=tiles)
 
 
 def _groups(n_groups: int = 2, n: int = 3, seed: int = 0, version: int = 0
@@ -304,8 +305,11 @@ def test_token_budget_and_packing_give_the_same_step(model_dir: str, norm: str) 
         assert other[0]["entropy"] == pytest.approx(fixed[0]["entropy"], rel=1e-5)
 
 
-def test_activation_checkpointing_same_gradients(model_dir: str) -> None:
-    _assert_same_step(_sgd_step(model_dir, micro_batch=2, activation_checkpointing=True),
+@pytest.mark.parametrize("tiles", [None, 5])
+def test_activation_checkpointing_same_gradients(model_dir: str, tiles: int | None) -> None:
+    """Per-layer recomputation, and MLPs in checkpointed tiles of 5 tokens inside it."""
+    _assert_same_step(_sgd_step(model_dir, micro_batch=2, activation_checkpointing=True,
+                                mlp_tile_tokens=tiles),
                       _sgd_step(model_dir, micro_batch=2, loss_norm="token"))
 
 
@@ -315,7 +319,8 @@ def test_zero_stages_with_packing_checkpointing_and_chunks(model_dir: str, stage
     (ZeRO-3 partitions the tied embedding / LM head): the step of ZeRO-2 without them."""
     _assert_same_step(
         _sgd_step(model_dir, zero_stage=stage, micro_batch=2, max_tokens_per_micro_batch=20,
-                  packing=True, activation_checkpointing=True, logits_chunk=3),
+                  packing=True, activation_checkpointing=True, logits_chunk=3,
+                  mlp_tile_tokens=7),
         _sgd_step(model_dir, micro_batch=2, loss_norm="token"))
 
 
