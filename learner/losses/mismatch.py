@@ -62,12 +62,15 @@ class LogprobMismatch:
         self.fresh_k3_sum += float(k3[fresh].sum())
 
     def metrics(self) -> dict[str, float]:
-        n, nf = max(self.tokens, 1.0), max(self.fresh_tokens, 1.0)
-        return {"logprob_diff_abs_mean": self.abs_sum / n,
-                "logprob_diff_abs_max": self.abs_max,
-                "mismatch_kl_k3": self.k3_sum / n,
-                "logprob_diff_abs_mean_fresh": self.fresh_abs_sum / nf,
-                "logprob_diff_abs_max_fresh": self.fresh_abs_max,
-                "mismatch_kl_k3_fresh": self.fresh_k3_sum / nf,
-                "mismatch_tokens": self.tokens,
-                "mismatch_fresh_tokens": self.fresh_tokens}
+        """Means over the tokens seen; a group of metrics is left out when it saw no token
+        (a 0 there would read as perfect agreement)."""
+        out = {"mismatch_tokens": self.tokens, "mismatch_fresh_tokens": self.fresh_tokens}
+        if self.tokens:
+            out.update(logprob_diff_abs_mean=self.abs_sum / self.tokens,
+                       logprob_diff_abs_max=self.abs_max, mismatch_kl_k3=self.k3_sum / self.tokens)
+        if self.fresh_tokens:
+            nf = self.fresh_tokens
+            out.update(logprob_diff_abs_mean_fresh=self.fresh_abs_sum / nf,
+                       logprob_diff_abs_max_fresh=self.fresh_abs_max,
+                       mismatch_kl_k3_fresh=self.fresh_k3_sum / nf)
+        return out
