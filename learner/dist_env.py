@@ -51,7 +51,10 @@ def setup_distributed_env(device_type: str) -> str:
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     if "MASTER_PORT" not in os.environ:
-        os.environ["MASTER_PORT"] = str(free_port())
+        # One process: its store binds a port the kernel picks (0), so no other process can
+        # take the port between choosing and binding it, as with a port picked in advance.
+        single = os.environ["WORLD_SIZE"] == "1"
+        os.environ["MASTER_PORT"] = "0" if single else str(free_port())
     return "nccl" if device_type == "cuda" else "gloo"
 
 

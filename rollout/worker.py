@@ -18,9 +18,19 @@ import time
 from typing import Any
 
 from nebula.config.job import GRPOStage, JobConfig, MOPDStage, OPDStage
+from nebula.faults import maybe_crash
 from nebula.transport.pacing import JobKeys, StalenessPacer, ticket_step
 
 log = logging.getLogger("nebula.rollout")
+
+
+def _restarted_by_ray() -> bool:
+    try:
+        import ray
+
+        return bool(ray.get_runtime_context().was_current_actor_reconstructed)
+    except Exception:  # noqa: BLE001 - not inside a Ray actor (unit tests)
+        return False
 
 
 class RolloutWorker:
@@ -57,6 +67,7 @@ class RolloutWorker:
         self.scorer: Any = None  # a TeacherScorer during opd/mopd stages
         self.alpha, self.baseline, self.top_k = 0.0, "none", 0
         self.loaded_steps = -1
+        self.restarted = _restarted_by_ray()  # a restart is never crashed again by a drill
         # Held from weight sync to the end of generation, so an evaluation running beside the
         # training loop (max_concurrency 2) cannot swap weights under a batch being tagged.
         self._engine_lock = threading.Lock()
@@ -174,6 +185,8 @@ class RolloutWorker:
                         t2 = time.monotonic()
                         pending.result()
                         self.stats["finish_wait_s"] += time.monotonic() - t2
+                    # Drill point: this batch generated and reserved, the one before it written.
+                    maybe_crash(f"{self.name}.after_generate", armed=not self.restarted)
                     pending = post.submit(self._finish, stage, mine, *sampled, G)
                 self.stats["busy_s"] += time.monotonic() - t1
                 if len(mine) < len(tickets):  # past the stage's last ticket: nothing left

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -48,6 +50,9 @@ def embedded_stack(cfg: JobConfig, work_dir: Path) -> Iterator[dict[str, Any]]:
             srv = stack.enter_context(teacher_process(work_dir / "teacher", tcfg))
             teacher_address = srv["address"]
         if not ray.is_initialized():
+            # ray.init replaces the driver's SIGTERM handler with sys.exit: a caller that set
+            # its own (the REST job driver logs a cancel at once) gets it back below.
+            own_term = signal.getsignal(signal.SIGTERM)
             if cl.ray_address:
                 ray.init(address=cl.ray_address, log_to_driver=True)
             else:
@@ -59,6 +64,8 @@ def embedded_stack(cfg: JobConfig, work_dir: Path) -> Iterator[dict[str, Any]]:
                          include_dashboard=False, _temp_dir=tmp, log_to_driver=True,
                          configure_logging=True, logging_level="WARNING")
             stack.callback(ray.shutdown)
+            if callable(own_term) and threading.current_thread() is threading.main_thread():
+                signal.signal(signal.SIGTERM, own_term)
         yield {"redis_url": redis_url, "verifier_address": verifier_address,
                "teacher_address": teacher_address}
 

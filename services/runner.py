@@ -11,6 +11,7 @@ with `resume_from` restores that checkpoint and goes on from the stage and step 
 from __future__ import annotations
 
 import json
+import os
 import time
 import uuid
 from collections.abc import Callable
@@ -34,7 +35,12 @@ def _wait(ref: Any, poll: Callable[[], None] | None, every_s: float = 1.0) -> An
 
 
 def _env(env_vars: dict[str, str] | None) -> dict[str, Any] | None:
-    return {"env_vars": env_vars} if env_vars else None
+    from nebula.faults import ENV
+
+    env = dict(env_vars or {})
+    if os.environ.get(ENV):  # a fault drill reaches the actors it names
+        env[ENV] = os.environ[ENV]
+    return {"env_vars": env} if env else None
 
 
 class JobRunner:

@@ -230,6 +230,19 @@ def test_cancelled_job_events_logs_and_resume(srv: ApiServer, job_cfg: dict[str,
         assert r.status_code == 422
 
 
+def all_log_lines(client: Any, job_id: str) -> list[str]:
+    """Every line of the job's log, page after page."""
+    lines: list[str] = []
+    since: str | None = None
+    while True:
+        page = client.get(f"/v1/jobs/{job_id}/logs",
+                          params={"since": since} if since else None).json()
+        lines += page["lines"]
+        if not page["lines"]:
+            return lines
+        since = page["next_since"]
+
+
 def test_quota_queueing_priority_and_cancel_frees_capacity(srv: ApiServer,
                                                            job_cfg: dict[str, Any]) -> None:
     """Tenant `quota` runs one job at a time: the rest wait in priority, then FIFO order,
@@ -251,8 +264,8 @@ def test_quota_queueing_priority_and_cancel_frees_capacity(srv: ApiServer,
         assert q.get(f"/v1/jobs/{second['id']}").json()["state"] in ("starting", "running")
         assert q.post(f"/v1/jobs/{second['id']}/cancel").json()["state"] == "cancelled"
         # The cancelled driver got SIGTERM and said so in the job's log.
-        wait_for(lambda: any(f"job {first['id']} cancelled" in x for x in q.get(
-            f"/v1/jobs/{first['id']}/logs").json()["lines"]), 60, "the cancel in the log")
+        wait_for(lambda: any(f"job {first['id']} cancelled" in x
+                             for x in all_log_lines(q, first["id"])), 60, "the cancel in the log")
         for j in (first, urgent, second):
             assert q.get(f"/v1/jobs/{j['id']}").json()["state"] == "cancelled"
 

@@ -245,6 +245,21 @@ def run(job_id: str, redis_url: str, work_dir: Path) -> int:
     early_term: list[int] = []
     signal.signal(signal.SIGTERM, lambda signum, frame: early_term.append(signum))
     store = JobStore.from_url(redis_url)
+    said: list[bool] = []
+
+    def say_cancelled() -> None:
+        # The line goes out at once, from a thread on its own connection: the main thread
+        # may be anywhere (mid-way through a Redis reply, in a C call, in a teardown that
+        # outlasts Ray's stop grace period) when the signal lands.
+        if not said:
+            said.append(True)
+            line = f"job {job_id} cancelled"
+
+            def send() -> None:
+                JobStore.from_url(redis_url).log(job_id, line)
+                print(line, file=sys.__stdout__, flush=True)  # the Ray job's own log
+
+            threading.Thread(target=send, name="cancel-log").start()
     rec = store.get(job_id)
     if rec is None:
         print(f"no job record {job_id}", file=sys.stderr)
@@ -259,6 +274,7 @@ def run(job_id: str, redis_url: str, work_dir: Path) -> int:
 
     def on_term(signum: int, frame: Any) -> None:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once is enough
+        say_cancelled()
         raise Cancelled()
 
     signal.signal(signal.SIGTERM, on_term)
@@ -266,6 +282,7 @@ def run(job_id: str, redis_url: str, work_dir: Path) -> int:
     try:
         if early_term:
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            say_cancelled()
             raise Cancelled()
         cfg = _job_config(rec, redis_url)
         if rec.get("attempt", 0) > 0:
@@ -286,7 +303,7 @@ def run(job_id: str, redis_url: str, work_dir: Path) -> int:
         # ray.init installs its own SIGTERM handler (sys.exit(15)) over ours: a cancel that
         # lands after it arrives as that SystemExit.
         if isinstance(e, Cancelled) or (isinstance(e, SystemExit) and e.code == signal.SIGTERM):
-            print(f"job {job_id} cancelled")
+            say_cancelled()
             if reporter:
                 reporter.sync(force=True)
             store.transition(job_id, ACTIVE, "cancelled", error="cancelled")
