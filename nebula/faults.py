@@ -1,8 +1,9 @@
 """Deterministic fault injection, for recovery tests and chaos drills.
 
-`NEBULA_FAULTS` lists crash sites as `site@n` (comma-separated): the n-th time a process
+`NEBULA_FAULTS` lists fault sites as `site@n` (comma-separated): the n-th time a process
 passes `maybe_crash(site)` it exits at once with status 137, as a SIGKILL or an OOM kill would
-leave it (no cleanup, no exception handlers). A test names the exact point to die at instead
+leave it (no cleanup, no exception handlers); at `maybe_raise(site)` it raises
+`InjectedFault` instead, as a bug or a lost connection would. A test names the exact point to die at instead
 of racing a killer thread against the job. The runner hands the variable to every actor it
 starts; a restarted actor passes `armed=False` so the drill kills each actor once.
 """
@@ -27,13 +28,26 @@ def parse(spec: str) -> dict[str, int]:
     return out
 
 
-def maybe_crash(site: str, armed: bool = True) -> None:
+class InjectedFault(RuntimeError):
+    """The error a `maybe_raise` site raises."""
+
+
+def _due(site: str, armed: bool) -> bool:
     spec = os.environ.get(ENV)
     if not spec or not armed:
-        return
+        return False
     want = parse(spec).get(site)
     if want is None:
-        return
+        return False
     _passes[site] = _passes.get(site, 0) + 1
-    if _passes[site] == want:
+    return _passes[site] == want
+
+
+def maybe_crash(site: str, armed: bool = True) -> None:
+    if _due(site, armed):
         os._exit(137)
+
+
+def maybe_raise(site: str, armed: bool = True) -> None:
+    if _due(site, armed):
+        raise InjectedFault(f"injected fault at {site} ({ENV})")

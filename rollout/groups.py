@@ -33,14 +33,22 @@ def build_group(*, job_id: str, stage: str, row: PromptRow, samples: list, verdi
     rollout.truncated) says what that means: keep (trained as any other), mask (loss mask 0,
     so it adds no gradient, but its reward still counts in the group's statistics, as in
     DAPO's overlong filtering) or penalty (its reward becomes `truncated_reward`).
+
+    A sample the verifier could not score (status error or timeout) is left out of the loss
+    and of its group's advantage statistics (GRPO, or OPD with alpha > 0).
     """
     if truncated not in ("keep", "mask", "penalty"):
         raise ValueError(f"rollout.truncated must be keep, mask or penalty, not {truncated!r}")
     cut = [s.finish_reason == "length" for s in samples]
+    # A verdict of error/timeout is no verdict: its sample is not a wrong answer. It stays out
+    # of the group's statistics and out of the loss, unless the outcome plays no part in
+    # training (pure distillation: the teacher's signal does not depend on the verifier).
+    unscored = [v.status != "ok" and (teacher is None or alpha > 0) for v in verdicts]
     rewards = [v.reward if v.status == "ok" else 0.0 for v in verdicts]
     if truncated == "penalty":
         rewards = [truncated_reward if c else r for c, r in zip(cut, rewards)]
-    advantages = group_advantages(rewards)
+    scored = iter(group_advantages([r for r, u in zip(rewards, unscored) if not u]))
+    advantages = [0.0 if u else next(scored) for u in unscored]
     g = TrajectoryGroup(
         group_id=f"{job_id}:{ticket}", job_id=job_id, stage=stage, prompt_id=row.prompt_id,
         domain=row.domain, prompt_ids=row.prompt_ids, prompt_text=row.prompt_text,
@@ -56,7 +64,8 @@ def build_group(*, job_id: str, stage: str, row: PromptRow, samples: list, verdi
         sample = g.samples.add(
             completion_ids=s.completion_ids, behaviour_logprobs=s.logprobs,
             policy_versions=[version] * n,
-            loss_mask=[0 if cut[i] and truncated == "mask" else 1] * n, reward=r, advantage=a,
+            loss_mask=[0 if unscored[i] or (cut[i] and truncated == "mask") else 1] * n,
+            reward=r, advantage=a,
             completion_text=s.text, finish_reason=s.finish_reason, truncated=cut[i],
         )
         if teacher is not None:

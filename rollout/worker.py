@@ -18,7 +18,7 @@ import time
 from typing import Any
 
 from nebula.config.job import GRPOStage, JobConfig, MOPDStage, OPDStage
-from nebula.faults import maybe_crash
+from nebula.faults import maybe_crash, maybe_raise
 from nebula.transport.pacing import JobKeys, StalenessPacer, ticket_step
 
 log = logging.getLogger("nebula.rollout")
@@ -187,6 +187,7 @@ class RolloutWorker:
                         self.stats["finish_wait_s"] += time.monotonic() - t2
                     # Drill point: this batch generated and reserved, the one before it written.
                     maybe_crash(f"{self.name}.after_generate", armed=not self.restarted)
+                    maybe_raise(f"{self.name}.raise_after_generate")
                     pending = post.submit(self._finish, stage, mine, *sampled, G)
                 self.stats["busy_s"] += time.monotonic() - t1
                 if len(mine) < len(tickets):  # past the stage's last ticket: nothing left

@@ -34,6 +34,9 @@ def _wait(ref: Any, poll: Callable[[], None] | None, every_s: float = 1.0) -> An
             poll()
 
 
+MAX_ROLLOUT_RAISES = 3  # a rollout loop that raises this often in one stage fails the job
+
+
 def _env(env_vars: dict[str, str] | None) -> dict[str, Any] | None:
     from nebula.faults import ENV
 
@@ -254,7 +257,30 @@ class JobRunner:
         pending: list[tuple[int, float, list[Any]]] = []
         next_eval = [start + every] if every else [stage.steps + 1]
 
+        args = (f"{stage.type}{i}", keys_id, stage.model_dump())
+        runs = [w.run.remote(*args) for w in rollouts]
+        raised = [0] * len(rollouts)
+
+        def watch_rollouts() -> None:
+            """A worker whose loop raised (a bug, a lost connection) runs it again: the
+            groups it had reserved are generated again first, so nothing is lost and the
+            learner does not wait forever on them. The third time fails the job loudly."""
+            for k, ref in enumerate(runs):
+                if not ray.wait([ref], timeout=0)[0]:
+                    continue
+                try:
+                    ray.get(ref)
+                except Exception as e:  # noqa: BLE001 - any error of the loop
+                    raised[k] += 1
+                    if raised[k] >= MAX_ROLLOUT_RAISES:
+                        raise RuntimeError(f"rollout-{k} failed {raised[k]} times in stage {i} "
+                                           f"({stage.type}); last error: {e}") from e
+                    self.log(f"rollout-{k} raised ({type(e).__name__}: {str(e)[:300]}); "
+                             "running it again, its unfinished groups first")
+                    runs[k] = rollouts[k].run.remote(*args)
+
         def periodic(status: dict[str, Any]) -> None:
+            watch_rollouts()
             step = int(status.get("step") or 0)
             if status.get("stage") == f"{stage.type}{i}" and step >= next_eval[0] \
                     and step < stage.steps:
@@ -270,11 +296,11 @@ class JobRunner:
                                       stage_elapsed_s=p[1] - t_stage,
                                       eval_s=time.monotonic() - p[1])
 
-        runs = [w.run.remote(f"{stage.type}{i}", keys_id, stage.model_dump()) for w in rollouts]
         res = _wait(learner.run_rl.remote(i, stage.model_dump(), keys_id),
                     self._poll(learner, periodic))
         r.set(keys.stop, 1)
         res["rollout"] = ray.get(runs)
+        res["rollout_raises"] = raised
         for step, t0, refs in pending:
             self._eval_record(ray.get(refs), f"during stage {i} ({stage.type}) at step {step}",
                               step=step, stage_elapsed_s=t0 - t_stage,

@@ -75,23 +75,26 @@ def test_toy_job_end_to_end_vllm(tmp_path: Path) -> None:
     assert model.generate(ids, max_new_tokens=3, do_sample=False).shape[1] > ids.shape[1]
 
 
-def test_crashed_rollout_worker_is_restarted_and_nothing_is_lost(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The rollout actor's process dies (exit 137, as a SIGKILL leaves it) right after it
-    generated its second batch and before that batch reached the stream, at a point named by
-    the fault drill rather than raced by a killer thread: Ray restarts it, it generates its
-    unfinished groups again, and the learner trains every ticket once."""
+@pytest.mark.parametrize("fault", ["after_generate", "raise_after_generate"])
+def test_failed_rollout_worker_recovers_and_nothing_is_lost(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fault: str) -> None:
+    """Right after the rollout worker generated its second batch and before that batch
+    reached the stream (a point named by the fault drill, not raced by a killer thread), its
+    process dies (exit 137, as a SIGKILL leaves it: Ray restarts the actor) or its loop
+    raises (the runner runs it again). Either way it generates its unfinished groups again
+    and the learner trains every ticket once."""
     from services.runner import JobRunner
 
-    monkeypatch.setenv("NEBULA_FAULTS", "rollout-0.after_generate@2")
+    monkeypatch.setenv("NEBULA_FAULTS", f"rollout-0.{fault}@2")
     cfg = toy_config(tmp_path, rollout={"engine": "hf"},
                      stages=[{"type": "sft", "steps": 2, "batch_size": 8, "lr": 0.001},
                              {"type": "grpo", "steps": 8}])
     summary = JobRunner(cfg, job_id="crash").run()
     grpo = summary["stages"][1]
-    # The restarted worker's run: it found the dead one's reserved groups and made them again.
+    # The last run of the worker found the failed one's reserved groups and made them again.
     (stats,) = grpo["rollout"]
     assert stats["regenerated"] == cfg.rollout.prompts_per_request
+    assert grpo["rollout_raises"] == [1 if fault.startswith("raise") else 0]
     assert grpo["steps"] == 8 and grpo["samples"] == 8 * 4 * 4
     # each ticket trained exactly once: one run covering all, and as many as it covers
     assert grpo["tickets_trained"] == [[0, 8 * 4]] and grpo["tickets_trained_n"] == 8 * 4

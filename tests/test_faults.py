@@ -28,3 +28,13 @@ def test_the_process_exits_137_at_the_named_pass_only_when_armed() -> None:
     p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                        env={"NEBULA_FAULTS": "other,site@3", "PYTHONPATH": str(ROOT)})
     assert p.returncode == 137 and p.stdout.split() == ["1", "2", "3"]
+
+
+def test_raise_site_raises_once_at_the_named_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    from nebula.faults import InjectedFault, maybe_raise
+
+    monkeypatch.setenv("NEBULA_FAULTS", "unit.raise_site@2")
+    maybe_raise("unit.raise_site")
+    with pytest.raises(InjectedFault, match="unit.raise_site"):
+        maybe_raise("unit.raise_site")
+    maybe_raise("unit.raise_site")  # once only: the site passes from then on

@@ -1,6 +1,7 @@
 """Truncated completions (cut by max_tokens): marked in the record, and rollout.truncated
 decides whether they are trained (keep), left out of the loss (mask) or re-rewarded
-(penalty); the learner batch follows the record's loss mask."""
+(penalty); the learner batch follows the record's loss mask. Samples the verifier could not
+score (error, timeout) are not trained as wrong answers."""
 
 from __future__ import annotations
 
@@ -54,3 +55,19 @@ def test_penalty_replaces_the_reward_of_truncated_samples() -> None:
 def test_unknown_policy_is_refused() -> None:
     with pytest.raises(ValueError, match="rollout.truncated"):
         _group("drop")
+
+
+def test_unscored_samples_are_left_out_of_the_loss_and_the_group_statistics() -> None:
+    samples = [SampleOut([1, 2], [-0.1, -0.2], "a", "stop"),
+               SampleOut([3, 4], [-0.1, -0.2], "b", "stop"),
+               SampleOut([5, 6], [-0.1, -0.2], "c", "stop")]
+    verdicts = [ItemResult(id="0", verifier="math", status="ok", reward=1.0, passed=True),
+                ItemResult(id="1", verifier="math", status="timeout", reward=0.0),
+                ItemResult(id="2", verifier="math", status="ok", reward=0.0)]
+    g = build_group(job_id="j", stage="grpo0", row=ROW, samples=samples, verdicts=verdicts,
+                    version=0, ticket=0, step=0, worker="w")
+    # The two scored samples are normalised between themselves (+1, -1); the timed-out one
+    # gets no advantage and no loss, where a 0 reward would have made it a wrong answer.
+    assert [round(s.advantage, 4) for s in g.samples] == [1.0, 0.0, -1.0]
+    assert [list(s.loss_mask) for s in g.samples] == [[1, 1], [0, 0], [1, 1]]
+    assert g.samples[1].verify.status == 3  # timeout, kept in the record
