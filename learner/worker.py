@@ -249,9 +249,10 @@ class LearnerWorker:
             m.update({
                 "reward_mean": sum(rewards) / len(rewards),
                 "pass_rate": sum(passed) / len(passed),
-                # verifier error/timeout: left out of the loss, not trained as wrong answers
-                "unscored_rate": sum(s.verify.status not in (0, 1) for g in groups
-                                     for s in g.samples) / len(passed),
+                # samples the verifier could not score: out of the loss (rollout/groups.py)
+                "verifier_errors": sum(s.verify.status == 2 for g in groups for s in g.samples),
+                "verifier_timeouts": sum(s.verify.status == 3 for g in groups
+                                         for s in g.samples),
                 "staleness_max": max(stale), "staleness_mean": sum(stale) / len(stale),
                 "completion_len_mean": tokens / len(lengths),
                 "truncation_rate": sum(s.truncated for g in groups for s in g.samples)
