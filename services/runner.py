@@ -62,7 +62,6 @@ class JobRunner:
     def run(self) -> dict[str, Any]:
         from services.embedded import embedded_stack
 
-        self.out.mkdir(parents=True, exist_ok=True)
         if self.cfg.model.path.endswith(".gguf"):  # a real checkpoint: import it once
             from nebula.model_import import ensure_hf_model
 
@@ -76,7 +75,8 @@ class JobRunner:
             t0 = time.monotonic()
             ensure_toy_model(self.cfg.model)
             self.log(f"model ready at {self.cfg.model.path} ({time.monotonic() - t0:.1f}s)")
-        self.preflight()
+        self.preflight()  # bad input is refused before the output dir or any worker exists
+        self.out.mkdir(parents=True, exist_ok=True)
         t_job = time.monotonic()
         with embedded_stack(self.cfg, self.out / "services") as stack:
             self.summary["redis_url"] = stack["redis_url"]

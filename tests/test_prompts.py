@@ -129,3 +129,29 @@ def test_chat_prompt_without_a_template_is_refused(tmp_path: Path) -> None:
     always = _dataset(tmp_path, [{"prompt": "hi", "answer": "x"}], chat_template="always")
     with pytest.raises(DatasetError, match="chat_template=always but the tokenizer"):
         load_prompt_rows(always, tok)
+
+
+def test_a_job_with_bad_input_fails_before_anything_starts_or_is_written(tmp_path: Path) -> None:
+    """Through JobRunner.run: the error names the row or field, no service or worker starts
+    (it fails in seconds, without Ray) and the job's output dir is never created."""
+    import yaml
+
+    from nebula.config import load_model
+    from nebula.config.job import JobConfig
+    from procs import ROOT
+    from services.runner import JobRunner
+
+    data = yaml.safe_load((ROOT / "examples/toy/addition.yaml").read_text())
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"prompt": "1+2=", "answer": "3"}) + "\n"
+                    + json.dumps({"prompt": "1+" * 40 + "2=", "answer": "42"}) + "\n")
+    data["model"]["path"] = str(tmp_path / "model")
+    data["datasets"] = {"train": [{"path": str(rows), "verifier": "exact"}]}
+    data["output_dir"] = str(tmp_path / "out")
+    with pytest.raises(DatasetError, match=r"rows\.jsonl row 1: prompt has 82 tokens"):
+        JobRunner(load_model(JobConfig, data)).run()
+    data["rollout"]["max_tokens"] = 64  # the toy model's whole context
+    with pytest.raises(ValueError, match=r"rollout\.max_tokens: 64 completion tokens leave no "
+                                         r"room for a prompt"):
+        JobRunner(load_model(JobConfig, data)).run()
+    assert not (tmp_path / "out").exists()
