@@ -3,13 +3,16 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.setup-stamp
 
-.PHONY: demo verifier-demo test setup bench proto
+.PHONY: demo verifier-demo real test setup bench proto
 
 demo: $(STAMP)
 	$(PY) examples/toy/run.py
 
 verifier-demo: $(STAMP)
 	$(PY) examples/verifier_demo.py
+
+real: $(STAMP)
+	$(PY) examples/real/run.py
 
 test: $(STAMP)
 	$(PY) -m pytest -q
@@ -26,6 +29,8 @@ bench: $(STAMP)
 	$(PY) bench/api.py
 	$(PY) bench/e2e.py
 	$(PY) bench/opd_vs_grpo.py
+	$(PY) bench/memory.py
+	$(PY) bench/real_model.py
 
 proto: $(STAMP)
 	$(PY) -m nebula.protogen

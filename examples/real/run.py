@@ -59,6 +59,26 @@ def report(name: str, summary: dict[str, Any]) -> None:
               + (f" at {e['stage_elapsed_s']:.0f}s" if "stage_elapsed_s" in e else ""))
 
 
+def time_to(summary: dict[str, Any], target: float) -> str:
+    """When the held-out greedy pass rate first reached `target` in this run's stage."""
+    for e in summary["evals"]:
+        if e["greedy"] >= target:
+            return f"{e.get('stage_elapsed_s', 0):.0f}s ({e['when']})"
+    return "not reached"
+
+
+def compare() -> None:
+    """OPD against GRPO: how soon each reaches 95% of the teacher's (GRPO's final) pass rate."""
+    runs = {n: ROOT / "runs" / f"real-{n}" / "summary.json" for n in ("grpo", "opd")}
+    if not all(p.is_file() for p in runs.values()):
+        return
+    grpo, opd = (json.loads(p.read_text()) for p in runs.values())
+    teacher = grpo["evals"][-1]["greedy"]
+    target = 0.95 * teacher
+    print(f"teacher (GRPO result) greedy {teacher:.1%}; 95% of it = {target:.1%}: "
+          f"GRPO reached it at {time_to(grpo, target)}, OPD at {time_to(opd, target)}")
+
+
 def main() -> int:
     os.chdir(ROOT)
     what = sys.argv[1] if len(sys.argv) > 1 else "all"
@@ -67,6 +87,7 @@ def main() -> int:
         report("GRPO", run_job("examples/real/grpo.yaml"))
     if what in ("opd", "all"):
         report("OPD", run_job("examples/real/opd.yaml"))
+    compare()
     return 0
 
 
