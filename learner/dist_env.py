@@ -14,6 +14,14 @@ DEFAULT_TORCH_EXTENSIONS_DIR = str(Path(__file__).resolve().parent.parent / ".ca
                                    / "torch_extensions")
 
 
+# glibc settings of the learner's process (its Ray actor's environment). Every block of
+# >= 1 MiB (activations, logits chunks, gradient buckets) is its own mmap, handed back to the
+# OS on free(); glibc's default threshold climbs to 32 MiB after the first large free and then
+# keeps such blocks in the heap, where freed memory stays resident and a real-size learner's
+# RSS grows far past what it holds. Two arenas: the learner's threads need no more.
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20), "MALLOC_ARENA_MAX": "2"}
+
+
 def choose_device(device: str) -> str:
     """"cpu" or "cuda" for a LearnerConfig.device of auto/cpu/cuda."""
     import torch

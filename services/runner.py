@@ -147,10 +147,13 @@ class JobRunner:
         job = self.cfg.model_dump(by_alias=True)
         rc = self.cfg.rollout
         bind = cpu_binding(self.cfg)
+        from learner.dist_env import MALLOC_ENV
+
         store = ray.remote(WeightStore).options(num_cpus=0).remote()
         learner = ray.remote(LearnerWorker).options(
             num_cpus=1, max_concurrency=4, name=f"{self.job_id}-learner",
-            runtime_env=_env(bind and {"NEBULA_CPU_BIND": bind["learner"]}),
+            runtime_env=_env({**MALLOC_ENV, **({"NEBULA_CPU_BIND": bind["learner"]}
+                                              if bind else {})}),
         ).remote(job, self.job_id, stack["redis_url"], store)
         rollouts = [ray.remote(RolloutWorker).options(
             num_cpus=rc.num_cpus, num_gpus=rc.num_gpus, max_concurrency=4,

@@ -58,7 +58,9 @@ def _engine(model_dir: str, sgd: bool = False, **kw: Any) -> Any:
 
     opt = (lambda params: torch.optim.SGD(params, lr=1.0)) if sgd else None
     tiles = kw.pop("mlp_tile_tokens", None)
-    return DSLearnerEngine(model_dir, _cfg(**kw), optimizer=opt, mlp_tile_tokens=tiles)
+    recompute = kw.pop("recompute_old_logprobs", False)
+    return DSLearnerEngine(model_dir, _cfg(**kw), optimizer=opt, mlp_tile_tokens=tiles,
+                           recompute_old_logprobs=recompute)
 
 
 def _groups(n_groups: int = 2, n: int = 3, seed: int = 0, version: int = 0
@@ -303,6 +305,20 @@ def test_token_budget_and_packing_give_the_same_step(model_dir: str, norm: str) 
     for other in (padded, packed):
         _assert_same_step(other, fixed)
         assert other[0]["entropy"] == pytest.approx(fixed[0]["entropy"], rel=1e-5)
+
+
+def test_old_logprobs_from_the_training_forward_give_the_same_step(model_dir: str) -> None:
+    """The pre-step log-probs taken from the training forward (the default) or from a
+    separate no-grad pass: same loss, grad norm, weights, entropy and mismatch metrics."""
+    kw: dict[str, Any] = dict(micro_batch=2, max_tokens_per_micro_batch=20, packing=True,
+                              activation_checkpointing=True)
+    own, recomputed = _sgd_step(model_dir, **kw), _sgd_step(model_dir, recompute_old_logprobs=True,
+                                                           **kw)
+    _assert_same_step(own, recomputed)
+    assert own[0]["no_grad_fwd_time_s"] < recomputed[0]["no_grad_fwd_time_s"]
+    for k in ("entropy", "logprob_diff_abs_mean", "mismatch_kl_k3", "clip_frac"):
+        if k in recomputed[0]:
+            assert own[0][k] == pytest.approx(recomputed[0][k], rel=1e-5, abs=1e-7), k
 
 
 @pytest.mark.parametrize("tiles", [None, 5])
