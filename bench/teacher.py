@@ -50,7 +50,7 @@ FIRST_TOKEN = 3  # ids 0..2 are <pad>, </s>, <unk> in the toy char tokenizer
 
 
 def build_teacher(root: Path, args: argparse.Namespace) -> Path:
-    from learner.toy_model import build_toy_model
+    from nebula.toy_model import build_toy_model
     from nebula.config.job import ToyModelConfig
 
     cfg = ToyModelConfig(hidden_size=args.hidden, layers=args.layers, heads=args.heads,

@@ -1,6 +1,7 @@
-"""`python -m learner --config JOB`: run a job's SFT stages on this node, without Ray.
+"""`python -m learner --config JOB`: run a job's offline stages (sft, dpo) on this node,
+without Ray.
 
-Reads the config first; then trains the SFT stages with the DeepSpeed engine and exports a
+Reads the config first; then trains the offline stages with the DeepSpeed engine and exports a
 Hugging Face checkpoint to --out (RL stages need rollout workers: use `nebula run`).
 """
 
@@ -16,23 +17,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", required=True, help="job config (YAML/JSON)")
     ap.add_argument("--out", required=True, help="directory for the exported checkpoint")
     args = ap.parse_args(argv)
-    from nebula.config.job import JobConfig, SFTStage
+    from nebula.algo import algorithm
+    from nebula.config.job import JobConfig
     from nebula.config.load import load_file_or_exit
 
     cfg = load_file_or_exit(JobConfig, args.config)
-    stages = [(i, s) for i, s in enumerate(cfg.stages) if isinstance(s, SFTStage)]
+    stages = [(i, s) for i, s in enumerate(cfg.stages) if not algorithm(s, cfg).online]
     if not stages:
-        print("error: the job has no sft stage", file=sys.stderr)
+        print("error: the job has no offline (sft, dpo) stage", file=sys.stderr)
         return 2
     if cfg.model.toy is not None:
-        from learner.toy_model import ensure_toy_model
+        from nebula.toy_model import ensure_toy_model
 
         ensure_toy_model(cfg.model)
     from learner.worker import LearnerWorker
 
     worker = LearnerWorker(cfg.model_dump(by_alias=True), f"{cfg.name}-sft", None, None)
     for i, stage in stages:
-        print(json.dumps(worker.run_sft(i, stage.model_dump())))
+        print(json.dumps(worker.run_offline(i, stage.model_dump())))
     worker.engine.export_hf(args.out)
     print(json.dumps({"export": args.out}))
     worker.close()

@@ -45,6 +45,7 @@ class Batch:
     prompt_lens: torch.Tensor          # [B] long
     completion_lens: torch.Tensor      # [B] long
     group_index: torch.Tensor          # [B] long, index of the sample's group in the input
+    ref_logprob_sums: torch.Tensor     # [B] float, reference policy's summed target log-prob
 
     @property
     def size(self) -> int:
@@ -118,6 +119,7 @@ def _rows_to_batch(rows: Sequence[dict[str, Any]], pad_id: int, device: Any) -> 
     prompt_lens = torch.zeros(B, dtype=torch.long)
     completion_lens = torch.zeros(B, dtype=torch.long)
     group_index = torch.zeros(B, dtype=torch.long)
+    ref_sums = torch.zeros(B, dtype=torch.float32)
 
     for b, r in enumerate(rows):
         prompt, completion = list(r["prompt"]), list(r["completion"])
@@ -128,6 +130,7 @@ def _rows_to_batch(rows: Sequence[dict[str, Any]], pad_id: int, device: Any) -> 
         rewards[b] = float(r.get("reward", 0.0))
         prompt_lens[b], completion_lens[b] = P, C
         group_index[b] = int(r.get("group", b))
+        ref_sums[b] = float(r.get("ref_sum", 0.0))
         if C == 0:
             continue
         # Completion token j is predicted at column P + j - 1; drop j where that is < 0.
@@ -175,7 +178,7 @@ def _rows_to_batch(rows: Sequence[dict[str, Any]], pad_id: int, device: Any) -> 
                   teacher_logprobs=teacher, has_teacher=has_teacher, teacher_top_ids=top_ids,
                   teacher_top_logprobs=top_lp, has_top=has_top, rewards=rewards,
                   prompt_lens=prompt_lens, completion_lens=completion_lens,
-                  group_index=group_index)
+                  group_index=group_index, ref_logprob_sums=ref_sums)
     return batch.to(device) if device is not None else batch
 
 
@@ -205,6 +208,17 @@ def collate_sft(pairs: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: in
     """SFT batch from (prompt_ids, target_ids) pairs: the loss covers the target tokens."""
     rows = [{"prompt": list(p), "completion": list(c), "group": i}
             for i, (p, c) in enumerate(pairs)]
+    return _rows_to_batch(rows, pad_id, device)
+
+
+def collate_examples(examples: Sequence[Any], pad_id: int, device: Any = None) -> Batch:
+    """Batch of offline examples (`nebula.algo.Example`): each sequence one row, in order,
+    its example's index as `group_index` and its cached reference log-prob sum (if any)."""
+    rows = []
+    for i, ex in enumerate(examples):
+        refs = ex.ref_logprob_sums or [0.0] * len(ex.sequences)
+        for (p, c), ref in zip(ex.sequences, refs):
+            rows.append({"prompt": list(p), "completion": list(c), "group": i, "ref_sum": ref})
     return _rows_to_batch(rows, pad_id, device)
 
 

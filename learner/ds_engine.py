@@ -5,7 +5,7 @@ One `DSLearnerEngine` is one data-parallel rank. Run as a single process it sets
 distributed environment itself (RANK=0, WORLD_SIZE=1, a free MASTER_PORT, gloo on CPU, nccl
 on CUDA); launched by `deepspeed`/`torchrun`, it uses the environment it is given.
 
-One `sft_step` / `grpo_step` call is exactly one optimizer step over the whole batch it is
+One `step` (an algorithm's loss, `nebula.algo`) call is exactly one optimizer step over the whole batch it is
 given, split into micro-batches whose gradients accumulate (`learner.packing`: `micro_batch`
 sequences each, or by `max_tokens_per_micro_batch` tokens, packed into one row each with
 `packing`). The losses are normalised by the token / sequence count of the whole batch, so the
@@ -32,6 +32,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from learner.batch import Batch
     from learner.logprobs import TokenLogProbs
     from learner.packing import MicroBatch
+    from nebula.algo.base import Algorithm
     from nebula.config.job import LearnerConfig
     from nebula.v1.trajectory_pb2 import TrajectoryGroup
 
@@ -171,12 +172,13 @@ class DSLearnerEngine(EngineWeights):
         for group in self.optimizer.param_groups:
             group["lr"] = float(lr)
 
-    def micro_batches(self, batch: Batch) -> list[MicroBatch]:
+    def micro_batches(self, batch: Batch, whole_groups: bool = False) -> list[MicroBatch]:
         """The micro-batches of one optimizer step on `batch` (from the config)."""
         from learner.packing import plan_micro_batches
 
         c = self.cfg
-        return plan_micro_batches(batch, c.micro_batch, c.max_tokens_per_micro_batch, c.packing)
+        return plan_micro_batches(batch, c.micro_batch, c.max_tokens_per_micro_batch, c.packing,
+                                  whole_groups)
 
     def _logprobs(self, model: Any, mb: MicroBatch, with_top: bool = False,
                   with_entropy: bool = False) -> TokenLogProbs:
@@ -235,18 +237,22 @@ class DSLearnerEngine(EngineWeights):
 
     @staticmethod
     def _combine(parts: list[dict[str, float]]) -> dict[str, float]:
-        """Token-weighted means of per-micro-batch metrics (sums for loss/tokens/sequences)."""
+        """Weighted means of per-micro-batch metrics (sums for loss/tokens/sequences, maxima
+        for `_max`): weighted by a micro-batch's `weight` where the loss gives one (e.g. its
+        DPO pairs), else by its tokens."""
         out: dict[str, float] = {}
-        total = sum(p.get("tokens", 0.0) for p in parts)
+        w = [p.get("weight", p.get("tokens", 0.0)) for p in parts]
+        total = sum(w)
         for key in parts[0]:
+            if key == "weight":
+                continue
             vals = [p[key] for p in parts]
             if key in ("loss", "tokens", "sequences"):
                 out[key] = float(sum(vals))
             elif key.endswith("_max"):
                 out[key] = float(max(vals))
             else:
-                out[key] = float(sum(v * p.get("tokens", 0.0) for v, p in zip(vals, parts))
-                                 / total) if total > 0 else 0.0
+                out[key] = float(sum(v * x for v, x in zip(vals, w)) / total) if total else 0.0
         return out
 
     @staticmethod
@@ -258,120 +264,126 @@ class DSLearnerEngine(EngineWeights):
 
     # ------------------------------------------------------------------ training
 
-    def sft_step(self, batch: Batch | Sequence[tuple[Sequence[int], Sequence[int]]]
-                 ) -> dict[str, float]:
-        """One optimizer step of SFT: mean NLL of the target (completion) tokens.
-
-        `batch` is a `learner.batch.Batch` (e.g. from `collate_sft`) or (prompt_ids,
-        target_ids) pairs.
-        """
-        from learner.batch import Batch, collate_sft
-        from learner.losses.sft import sft_loss
-
-        t0 = time.perf_counter()
-        if not isinstance(batch, Batch):
-            batch = collate_sft(batch, self.pad_id)
-        batch = batch.to(self.device)
-        n_tok = batch.num_tokens
-        if n_tok == 0:
-            return {"loss": 0.0, "tokens": 0.0, "step_applied": 0.0,
-                    "version": float(self.version), "step_time_s": 0.0}
-        mbs = self.micro_batches(batch)
-
-        def loss_fn(i: int, mb: MicroBatch, lp: TokenLogProbs) -> tuple[Any, dict]:
-            loss = sft_loss(lp.token, mb.batch.mask, num_tokens=n_tok)
-            return loss, {"loss": float(loss.detach()), "tokens": float(mb.batch.num_tokens)}
-
-        lr = self.lr
-        parts, norm = self._optimizer_step(mbs, loss_fn)
-        out = self._combine(parts)
-        dt = time.perf_counter() - t0
-        out.update({"grad_norm": norm if norm is not None else math.nan,
-                    "ppl": math.exp(min(out["loss"], 50.0)), "sequences": float(batch.size),
-                    **self._layout_metrics(mbs), "lr": lr, "step_time_s": dt,
-                    "tokens_per_s": n_tok / dt if dt > 0 else 0.0,
-                    "version": float(self.version), "step_applied": 1.0})
-        return out
-
-    def grpo_step(self, groups: Sequence[TrajectoryGroup]) -> dict[str, float]:
-        """One optimizer step of the GRPO loss on the samples of `groups`.
-
-        Old log-probs (before the step) come from the training forward (or a no-grad pass,
-        `recompute_old_logprobs`); reference log-probs from the
-        frozen reference copy when cfg.kl.coef > 0. Tokens without behaviour log-probs get no
-        IS correction. A batch with no trained token does no step (`step_applied` 0).
-        Besides the loss metrics it reports the learner/engine agreement on the sampled
-        tokens (`learner.losses.mismatch`: logprob_diff_abs_mean, mismatch_kl_k3, and their
-        `_fresh` variants over the tokens of the learner's current version) and the mean
-        entropy of the tempered policy over the trained tokens.
-        """
+    def step(self, batch: Batch, algo: Algorithm, *, examples: int | None = None
+             ) -> dict[str, float]:
+        """One optimizer step of `algo`'s loss on `batch` (`nebula.algo`: the loss gets one
+        `LossInput` per micro-batch). Online (RL) algorithms train on the rollout policy's
+        temperature, get the pre-step log-probs from the training forward (or a no-grad pass,
+        `recompute_old_logprobs`), the frozen reference's when the algorithm has a KL penalty
+        and cfg.kl.coef > 0, the teacher's top-k where the batch has it; offline ones (SFT,
+        DPO) train on temperature 1. A batch with no trained token does no step
+        (`step_applied` 0). Online steps also report the learner/engine agreement on the
+        sampled tokens (`learner.mismatch`: logprob_diff_abs_mean, mismatch_kl_k3, and their
+        `_fresh` variants over the tokens of the learner's current version), staleness, and
+        the mean entropy of the tempered policy over the trained tokens."""
         import torch
 
-        from learner.batch import collate
-        from learner.losses.distill import topk_distill_loss
-        from learner.losses.grpo import grpo_loss
-        from learner.losses.mismatch import LogprobMismatch
+        from learner.mismatch import LogprobMismatch
+        from nebula.algo.base import LossInput
 
         t0 = time.perf_counter()
-        if not groups:
-            raise ValueError("grpo_step needs at least one group")
-        batch = collate(groups, self.pad_id, self.device)
+        batch = batch.to(self.device)
         n_tok, n_seq = batch.num_tokens, batch.num_sequences
-        base = {"groups": float(len(groups)), "sequences": float(batch.size),
-                "version": float(self.version)}
+        n_ex = float(examples if examples is not None else int(batch.group_index.max()) + 1)
+        base = {"sequences": float(batch.size), "version": float(self.version)}
         if n_tok == 0:
             return {**base, "loss": 0.0, "tokens": 0.0, "step_applied": 0.0, "step_time_s": 0.0}
-        mbs = self.micro_batches(batch)
-        cfg = self.cfg
+        mbs = self.micro_batches(batch, whole_groups=algo.whole_examples)
+        cfg, online = self.cfg, algo.online
+        temperature = self.temperature if online else 1.0
         old = (self._no_grad_logprobs(self.engine, mbs, with_entropy=True)
-               if self.recompute_old_logprobs else None)
-        use_kl = cfg.kl.coef > 0 and self.ref_model is not None
+               if online and self.recompute_old_logprobs else None)
+        use_kl = algo.kl_penalty and cfg.kl.coef > 0 and self.ref_model is not None
         ref = self._no_grad_logprobs(self.ref_model, mbs) if use_kl else None
         t_fwd = time.perf_counter() - t0
-
         with_top = batch.teacher_top_ids.shape[-1] > 0
         n_top = float(((batch.mask > 0) & batch.has_top).sum()) if with_top else 0.0
         version_before = self.version
-        mismatch = LogprobMismatch()
+        mismatch = LogprobMismatch() if online else None
 
         def loss_fn(i: int, mb: MicroBatch, out: TokenLogProbs) -> tuple[Any, dict]:
             b, lp = mb.batch, out.token
             old_i = old[i].token if old is not None else lp.detach()
             entropy = old[i].entropy if old is not None else out.entropy
-            mismatch.add(old_i, b, version_before)
-            beh = torch.where(b.has_behaviour, b.behaviour_logprobs, old_i)
-            loss, m = grpo_loss(
-                lp, old_i, beh, b.advantages, b.mask, cfg.clip_low, cfg.clip_high,
-                cfg.loss_norm, cfg.is_cap, ref[i].token if ref is not None else None,
-                cfg.kl.coef if use_kl else 0.0, cfg.kl.estimator,
-                num_tokens=n_tok, num_sequences=n_seq)
-            m["sequences"] = float(b.num_sequences)
-            if out.top is not None:  # OPD with top-k: match the teacher's distribution as well
-                d_loss, dm = topk_distill_loss(out.top, b.teacher_top_logprobs,
-                                               b.mask * b.has_top, num_tokens=n_top)
-                loss = loss + d_loss
-                m.update(dm, loss=m["loss"] + float(d_loss.detach()))
-            with torch.no_grad():
-                sel = b.mask > 0
-                m["entropy"] = float(entropy[sel].mean()) if sel.any() else 0.0
-                sel = sel & (b.policy_versions >= 0)
-                lag = (version_before - b.policy_versions[sel]).float()
-                m["staleness_mean"] = float(lag.mean()) if lag.numel() else 0.0
-                m["staleness_max"] = float(lag.max()) if lag.numel() else 0.0
+            loss, m = algo.loss(LossInput(
+                batch=b, logprobs=lp, old_logprobs=old_i,
+                ref_logprobs=ref[i].token if ref is not None else None, top_logprobs=out.top,
+                entropy=entropy, num_tokens=n_tok, num_sequences=n_seq, num_top=n_top,
+                num_examples=n_ex, learner=cfg))
+            m.setdefault("tokens", float(b.num_tokens))
+            if mismatch is not None:
+                mismatch.add(old_i, b, version_before)
+                with torch.no_grad():
+                    sel = b.mask > 0
+                    m["entropy"] = float(entropy[sel].mean()) if sel.any() else 0.0
+                    sel = sel & (b.policy_versions >= 0)
+                    lag = (version_before - b.policy_versions[sel]).float()
+                    m["staleness_mean"] = float(lag.mean()) if lag.numel() else 0.0
+                    m["staleness_max"] = float(lag.max()) if lag.numel() else 0.0
             return loss, m
 
         lr = self.lr
-        parts, norm = self._optimizer_step(mbs, loss_fn, with_top,
-                                           with_entropy=old is None)
+        saved_t, self.temperature = self.temperature, temperature
+        try:
+            parts, norm = self._optimizer_step(mbs, loss_fn, with_top,
+                                               with_entropy=online and old is None)
+        finally:
+            self.temperature = saved_t
         out = self._combine(parts)
+        algo.summarise(out)
         dt = time.perf_counter() - t0
         out.update({**base, "grad_norm": norm if norm is not None else math.nan,
-                    **self._layout_metrics(mbs), **mismatch.metrics(), "lr": lr,
-                    "step_time_s": dt, "no_grad_fwd_time_s": t_fwd,
-                    "tokens_per_s": n_tok / dt if dt > 0 else 0.0,
-                    "reward_mean": float(batch.rewards.mean()),
+                    **self._layout_metrics(mbs), **(mismatch.metrics() if mismatch else {}),
+                    "lr": lr, "step_time_s": dt, "tokens_per_s": n_tok / dt if dt > 0 else 0.0,
                     "version": float(self.version),
                     "step_applied": float(self.version > version_before)})
+        if online:
+            out.update(groups=n_ex, no_grad_fwd_time_s=t_fwd,
+                       reward_mean=float(batch.rewards.mean()))
+        else:
+            out["examples"] = n_ex
+        return out
+
+    def sft_step(self, batch: Batch | Sequence[tuple[Sequence[int], Sequence[int]]]
+                 ) -> dict[str, float]:
+        """One SFT optimizer step on a `learner.batch.Batch` or (prompt_ids, target_ids)
+        pairs: mean NLL of the target tokens."""
+        from learner.batch import Batch, collate_sft
+        from nebula.algo.sft import SFT, SFTStage
+
+        if not isinstance(batch, Batch):
+            batch = collate_sft(batch, self.pad_id)
+        return self.step(batch, SFT(SFTStage()))
+
+    def grpo_step(self, groups: Sequence[TrajectoryGroup]) -> dict[str, float]:
+        """One GRPO optimizer step on the samples of `groups` (their advantages as recorded;
+        with the top-k distillation term where they carry a teacher's top-k)."""
+        from learner.batch import collate
+        from nebula.algo.grpo import GRPO, GRPOStage
+
+        if not groups:
+            raise ValueError("grpo_step needs at least one group")
+        return self.step(collate(groups, self.pad_id, self.device), GRPO(GRPOStage()),
+                         examples=len(groups))
+
+    def sequence_logprobs(self, sequences: Sequence[tuple[Sequence[int], Sequence[int]]]
+                          ) -> list[float]:
+        """Current policy's summed log-prob (temperature 1) of each (prompt, target)'s target
+        tokens, without gradient (e.g. DPO's reference log-probs)."""
+        from learner.batch import collate_sft
+
+        out = [0.0] * len(sequences)
+        saved, self.temperature = self.temperature, 1.0
+        try:
+            for i in range(0, len(sequences), 256):
+                batch = collate_sft(sequences[i:i + 256], self.pad_id, self.device)
+                for mb in self.micro_batches(batch):
+                    lp = self._no_grad_logprobs(self.engine, [mb])[0].token
+                    sums = (lp * mb.batch.mask).sum(-1).float().cpu().tolist()
+                    for row, b in enumerate(mb.index.tolist()):
+                        out[i + b] = sums[row]
+        finally:
+            self.temperature = saved
         return out
 
     # ------------------------------------------------------------------ evaluation

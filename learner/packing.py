@@ -129,12 +129,46 @@ def token_bins(lengths: Sequence[int], max_tokens: int, packing: bool) -> list[l
     return bins
 
 
+def whole_group_bins(batch: Batch, micro_batch: int, max_tokens: int | None, packing: bool
+                     ) -> list[list[int]]:
+    """Consecutive rows in order, never splitting a group (`group_index`: e.g. DPO's chosen and
+    rejected rows, whose loss needs both): a micro-batch takes whole groups while it stays
+    within `micro_batch` rows (or, with `max_tokens`, the token budget); a group larger than
+    that goes alone."""
+    lengths = [int(n) for n in batch.lengths.tolist()]
+    groups: list[list[int]] = []
+    for row, g in enumerate(batch.group_index.tolist()):
+        if groups and batch.group_index[groups[-1][0]] == g:
+            groups[-1].append(row)
+        else:
+            groups.append([row])
+    bins: list[list[int]] = []
+    for members in groups:
+        if bins:
+            rows = bins[-1] + members
+            if max_tokens is None:
+                fits = len(rows) <= micro_batch
+            else:
+                longest = max(lengths[r] for r in rows)
+                cost = sum(lengths[r] for r in rows) if packing else len(rows) * longest
+                fits = cost <= max_tokens
+            if fits:
+                bins[-1] = rows
+                continue
+        bins.append(list(members))
+    return bins
+
+
 def plan_micro_batches(batch: Batch, micro_batch: int, max_tokens: int | None = None,
-                       packing: bool = True) -> list[MicroBatch]:
+                       packing: bool = True, whole_groups: bool = False) -> list[MicroBatch]:
     """The micro-batches of one optimizer step (see the module docstring): `micro_batch`
     consecutive sequences each (padded) when `max_tokens` is None, else token-budget groups,
-    packed into one row each when `packing`."""
-    if max_tokens is None:
+    packed into one row each when `packing`; with `whole_groups`, consecutive whole groups
+    (`whole_group_bins`)."""
+    if whole_groups:
+        groups = whole_group_bins(batch, micro_batch, max_tokens, packing)
+        packing = packing and max_tokens is not None
+    elif max_tokens is None:
         size = max(int(micro_batch), 1)
         groups = [list(range(i, min(i + size, batch.size))) for i in range(0, batch.size, size)]
         packing = False

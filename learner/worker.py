@@ -1,4 +1,5 @@
-"""The learner: one Ray actor owning the DeepSpeed engine.
+"""The learner: one Ray actor owning the DeepSpeed engine; it runs any registered algorithm
+(`nebula.algo`) without knowing which.
 
 GRPO step s trains exactly the groups with tickets [s*G, (s+1)*G) (see
 nebula/transport/pacing.py), read from the job's Redis Stream through a consumer group;
@@ -15,7 +16,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from nebula.config.job import DatasetConfig, GRPOStage, JobConfig, MOPDStage, OPDStage, SFTStage
+from nebula.config.job import JobConfig
 from nebula.transport.pacing import JobKeys, StalenessPacer
 
 log = logging.getLogger("nebula.learner")
@@ -60,7 +61,7 @@ class LearnerWorker:
         # process that started Ray (a test run, a shell) would point at a port already in use.
         for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
             os.environ.pop(var, None)
-        from services.embedded import apply_cpu_binding
+        from nebula.cpu_binding import apply_cpu_binding
 
         apply_cpu_binding("learner")
         from learner.metrics import MetricsSink
@@ -124,62 +125,86 @@ class LearnerWorker:
         """Full HF-named weights on the learner's device, for the NCCL broadcast."""
         return self.engine.full_state_dict(device=self.engine.device)
 
-    # -- SFT ----------------------------------------------------------------------------
+    # -- offline stages (sft, dpo, ...) ------------------------------------------------------
 
-    def run_sft(self, stage_index: int, stage: dict[str, Any], start_step: int = 0
-                ) -> dict[str, Any]:
-        from learner.batch import collate_sft
-        from nebula.prompts import load_prompt_rows
+    def run_offline(self, stage_index: int, stage: dict[str, Any], start_step: int = 0
+                    ) -> dict[str, Any]:
+        """An offline stage: `batch_size` of the algorithm's examples per optimizer step, in a
+        seeded order reshuffled every epoch (replayed up to `start_step` on resume), with the
+        stage's cosine learning-rate schedule. Work the algorithm does once before the first
+        step (DPO's reference log-probs) is cached beside the checkpoints, so a resumed stage
+        uses the starting policy's values, not the current one's."""
+        import json
 
-        st = SFTStage.model_validate(stage)
-        ds: DatasetConfig = st.dataset or self.cfg.datasets.train[0]
-        rows = load_prompt_rows(ds, self.tokenizer)
-        eos = self.tokenizer.eos_token_id
-        pairs = [(r.prompt_ids, self.tokenizer(r.reference, add_special_tokens=False)["input_ids"]
-                  + [eos]) for r in rows]
+        from learner.batch import collate_examples
+        from nebula.algo import algorithm
+
+        algo = algorithm(stage, self.cfg)
+        examples = algo.examples(self.tokenizer)
+        name = f"{algo.type_name()}{stage_index}"
+        ck = self.cfg.checkpoint
+        assert ck is not None
+        cache = Path(ck.dir) / f"{name}-prepared.json"
+        if cache.is_file():
+            for e, refs in zip(examples, json.loads(cache.read_text())):
+                e.ref_logprob_sums = refs
+        t0 = time.monotonic()
+        algo.prepare(examples, self.engine.sequence_logprobs)
+        prepared = [e.ref_logprob_sums for e in examples]
+        if any(r is not None for r in prepared) and not cache.is_file():
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_suffix(".tmp")
+            tmp.write_text(json.dumps(prepared))
+            tmp.replace(cache)
+        prepare_s = time.monotonic() - t0
+        held_out = {}
+        if start_step == 0:
+            held_out["before"] = algo.held_out(self.tokenizer, self.engine.sequence_logprobs)
         rng = random.Random(self.cfg.seed + stage_index)
-        name = f"sft{stage_index}"
-        self.status = {"stage": name, "step": 0, "total": st.steps}
+        steps, size = algo.stage.steps, algo.batch_size
+        self.status = {"stage": name, "step": 0, "total": steps}
         order: list[int] = []
         last: dict[str, Any] = {}
-        ck = self.cfg.checkpoint
-        for step in range(st.steps):
-            if len(order) < st.batch_size:
-                perm = list(range(len(pairs)))
+        for step in range(steps):
+            if len(order) < size:
+                perm = list(range(len(examples)))
                 rng.shuffle(perm)
                 order += perm
-            idx, order = order[:st.batch_size], order[st.batch_size:]
+            idx, order = order[:size], order[size:]
             if step < start_step:  # resumed: replay the data order up to the checkpoint
                 continue
-            self.engine.set_lr(cosine_lr(st.lr, step, st.steps))
+            self.engine.set_lr(cosine_lr(algo.lr, step, steps))
             t0 = time.monotonic()
-            m = self.engine.sft_step(collate_sft([pairs[i] for i in idx],
-                                                 self.tokenizer.pad_token_id))
+            batch = collate_examples([examples[i] for i in idx], self.engine.pad_id)
+            m = self.engine.step(batch, algo, examples=len(idx))
             m["step_time_s"] = time.monotonic() - t0
             self.global_step += 1
             self.metrics.log(self.global_step, name, m)
-            self.status = {"stage": name, "step": step + 1, "total": st.steps, **m}
+            self.status = {"stage": name, "step": step + 1, "total": steps, **m}
             last = m
-            if ck and ck.interval and (step + 1) % ck.interval == 0 and step + 1 < st.steps:
+            if ck.interval and (step + 1) % ck.interval == 0 and step + 1 < steps:
                 self.checkpoint(f"{name}-step{step + 1}", stage_index, step + 1, False)
-        path = self.checkpoint(f"{name}-end", stage_index, st.steps, True)
-        return {"stage": name, "steps": st.steps, "final_loss": last.get("loss"),
-                "checkpoint": path}
+        path = self.checkpoint(f"{name}-end", stage_index, steps, True)
+        held_out["after"] = algo.held_out(self.tokenizer, self.engine.sequence_logprobs)
+        return {"stage": name, "steps": steps, "final_loss": last.get("loss"),
+                "final": {k: v for k, v in last.items() if isinstance(v, float)},
+                "prepare_s": prepare_s, "checkpoint": path,
+                **({"held_out": held_out} if held_out["after"] else {})}
 
-    # -- GRPO ---------------------------------------------------------------------------
+    # -- online stages (grpo, opd, mopd, ...) --------------------------------------------
 
     def run_rl(self, stage_index: int, stage: dict[str, Any], keys_id: str) -> dict[str, Any]:
-        """A grpo, opd or mopd stage: they differ only in how rollout computes advantages
-        (group-normalised outcome vs per-token teacher log-ratio); training is the same
-        clipped, importance-corrected surrogate. Starts at the step the job's pacer holds
-        (0, or the checkpoint's step on resume)."""
-        from pydantic import TypeAdapter
-
-        from learner.losses.opd import reverse_kl
+        """An online stage (grpo, opd, mopd, a plug-in's): the rollout side computed each
+        group's advantages; this trains the algorithm's loss on exactly the groups of each
+        step's tickets. Starts at the step the job's pacer holds (0, or the checkpoint's step
+        on resume)."""
+        from learner.batch import collate
+        from nebula.algo import algorithm
         from nebula.transport.stream import RedisTrajectoryStream
 
         t_stage0 = time.monotonic()
-        st = TypeAdapter(GRPOStage | OPDStage | MOPDStage).validate_python(stage)
+        algo = algorithm(stage, self.cfg)
+        st = algo.stage
         G = self.cfg.learner.groups_per_step
         keys = JobKeys(keys_id)
         stream = RedisTrajectoryStream(self.redis_url, keys.stream)
@@ -223,7 +248,8 @@ class LearnerWorker:
                 trained = [g for g in groups if any(s.advantage != 0 or len(s.token_advantages)
                                                     for s in g.samples)]
             if trained:
-                m = self.engine.grpo_step(trained)
+                m = self.engine.step(collate(trained, self.engine.pad_id), algo,
+                                     examples=len(trained))
             else:  # nothing to learn from: no optimizer step, but the groups are consumed
                 m = {"step_applied": 0.0}
             m["groups_trained"] = len(trained)
@@ -240,12 +266,7 @@ class LearnerWorker:
             lengths = [len(s.completion_ids) for g in groups for s in g.samples]
             tokens = sum(lengths)
             samples_total += len(rewards)
-            if not isinstance(st, GRPOStage):  # distillation: how far from the teachers
-                scored = [s for g in groups for s in g.samples if len(s.teacher_logprobs)]
-                m["reverse_kl"] = sum(reverse_kl(s.behaviour_logprobs, s.teacher_logprobs)
-                                      for s in scored) / max(len(scored), 1)
-                teachers = Counter(f"{s.teacher}@{s.teacher_version}" for s in scored)
-                m["teachers"] = dict(teachers)
+            m.update(algo.step_metrics(groups))
             m.update({
                 "reward_mean": sum(rewards) / len(rewards),
                 "pass_rate": sum(passed) / len(passed),

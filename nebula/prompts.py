@@ -173,3 +173,66 @@ class PromptOrder:
             random.Random(self.seed * 1_000_003 + epoch).shuffle(perm)
             self._perms = {epoch: perm}
         return self.rows[perm[pos]]
+
+
+@dataclass
+class PreferenceRow:
+    """One preference pair: the formatted prompt and the chosen / rejected response ids."""
+
+    index: int
+    prompt_ids: list[int]
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+
+
+def _response_ids(raw: Any, prompt_raw: Any, prompt_ids: list[int], tokenizer: Any,
+                  cfg: DatasetConfig, where: str, field_name: str) -> list[int]:
+    """Token ids of a response: plain text -> its tokens + EOS (as SFT targets); chat
+    messages -> the chat template's rendering of prompt + response minus the prompt's, so the
+    template's own turn markers end it."""
+    if isinstance(raw, str):
+        if not raw:
+            raise DatasetError(f"{where}: field {field_name!r} is empty")
+        return list(tokenizer(raw, add_special_tokens=False)["input_ids"]) + \
+            [tokenizer.eos_token_id]
+    if not (isinstance(raw, list) and raw and all(isinstance(m, dict) and "role" in m
+                                                  for m in raw)):
+        raise DatasetError(f"{where}: field {field_name!r} must be a non-empty string or a list "
+                           "of chat messages ({role, content})")
+    messages = [{"role": "user", "content": prompt_raw}] if isinstance(prompt_raw, str) \
+        else list(prompt_raw)
+    if cfg.system_prompt is not None and not any(m.get("role") == "system" for m in messages):
+        messages.insert(0, {"role": "system", "content": cfg.system_prompt})
+    kwargs = {k: v for k, v in cfg.chat_template_kwargs.items() if k != "add_generation_prompt"}
+    text = tokenizer.apply_chat_template(messages + list(raw), tokenize=False, **kwargs)
+    full = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    if full[:len(prompt_ids)] != prompt_ids:
+        raise DatasetError(f"{where}: the chat template renders prompt + {field_name!r} with a "
+                           "different prompt prefix than the prompt alone; give plain-text "
+                           "responses")
+    return full[len(prompt_ids):]
+
+
+def load_preference_rows(cfg: DatasetConfig, tokenizer: Any, chosen_field: str,
+                         rejected_field: str, max_tokens: int | None = None
+                         ) -> list[PreferenceRow]:
+    """Every (prompt, chosen, rejected) row, formatted and tokenized like prompts; a row
+    without either response, or longer than `max_tokens`, is an error naming the row."""
+    check_template_options(cfg, tokenizer)
+    out = []
+    for i, row in enumerate(_read_rows(cfg)):
+        where = f"{cfg.path} row {i}"
+        for name in (cfg.prompt_field, chosen_field, rejected_field):
+            if row.get(name) is None:
+                raise DatasetError(f"{where}: missing field {name!r}")
+        _, ids = format_prompt(row[cfg.prompt_field], tokenizer, cfg, where)
+        chosen, rejected = (_response_ids(row[f], row[cfg.prompt_field], ids, tokenizer, cfg,
+                                          where, f) for f in (chosen_field, rejected_field))
+        longest = len(ids) + max(len(chosen), len(rejected))
+        if max_tokens is not None and longest > max_tokens:
+            raise DatasetError(f"{where}: prompt + response has {longest} tokens, more than "
+                               f"the model's {max_tokens}-token context")
+        out.append(PreferenceRow(i, ids, chosen, rejected))
+    if not out:
+        raise DatasetError(f"{cfg.path}: no rows")
+    return out

@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = load_file_or_exit(JobConfig, args.config)
     if cfg.model.toy is not None:
-        from learner.toy_model import ensure_toy_model
+        from nebula.toy_model import ensure_toy_model
 
         ensure_toy_model(cfg.model)
     from transformers import AutoTokenizer

@@ -17,7 +17,8 @@ import threading
 import time
 from typing import Any
 
-from nebula.config.job import GRPOStage, JobConfig, MOPDStage, OPDStage
+from nebula.algo import Algorithm, algorithm
+from nebula.config.job import JobConfig
 from nebula.faults import maybe_crash, maybe_raise
 from nebula.transport.pacing import JobKeys, StalenessPacer, ticket_step
 
@@ -43,7 +44,7 @@ class RolloutWorker:
         from nebula.prompts import PromptOrder, load_prompt_rows
         from verifier.client import VerifierClient
 
-        from services.embedded import apply_cpu_binding
+        from nebula.cpu_binding import apply_cpu_binding
 
         apply_cpu_binding("rollout")
         self.cfg = JobConfig.model_validate(job)
@@ -64,8 +65,8 @@ class RolloutWorker:
         self.order = PromptOrder(self.rows, self.cfg.seed)
         self.verifier = VerifierClient(verifier_address, timeout_s=600)
         self.teacher_address = teacher_address
-        self.scorer: Any = None  # a TeacherScorer during opd/mopd stages
-        self.alpha, self.baseline, self.top_k = 0.0, "none", 0
+        self.scorer: Any = None  # a TeacherScorer during stages with teachers (opd/mopd)
+        self.algo: Algorithm | None = None  # the current stage's
         self.loaded_steps = -1
         self.restarted = _restarted_by_ray()  # a restart is never crashed again by a drill
         # Held from weight sync to the end of generation, so an evaluation running beside the
@@ -139,13 +140,11 @@ class RolloutWorker:
     # -- GRPO ---------------------------------------------------------------------------
 
     def run(self, stage: str, keys_id: str, stage_cfg: dict[str, Any]) -> dict[str, Any]:
-        """Generate groups of an RL stage (grpo, opd, mopd) for tickets [0, steps * G) until
-        they are all taken."""
-        from pydantic import TypeAdapter
-
-        st = TypeAdapter(GRPOStage | OPDStage | MOPDStage).validate_python(stage_cfg)
-        total_steps = st.steps
-        self._start_scorer(st)
+        """Generate groups of an online stage (grpo, opd, mopd, a plug-in's) for tickets
+        [0, steps * G) until they are all taken."""
+        self.algo = algorithm(stage_cfg, self.cfg)
+        total_steps = self.algo.stage.steps
+        self._start_scorer(self.algo)
         G = self.cfg.learner.groups_per_step
         self.keys = JobKeys(keys_id)
         self.loaded_steps = -1  # step counts restart with each stage
@@ -164,7 +163,7 @@ class RolloutWorker:
         from concurrent.futures import Future, ThreadPoolExecutor
 
         pending: Future | None = None
-        from services.embedded import bind_thread_to_host_cores
+        from nebula.cpu_binding import bind_thread_to_host_cores
 
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="finish",
                                 initializer=bind_thread_to_host_cores) as post:
@@ -201,20 +200,20 @@ class RolloutWorker:
             self.scorer = None
         return dict(self.stats)
 
-    def _start_scorer(self, st: GRPOStage | OPDStage | MOPDStage) -> None:
+    def _start_scorer(self, algo: Algorithm) -> None:
         if self.scorer is not None:
             self.scorer.close()
             self.scorer = None
-        if isinstance(st, GRPOStage):
+        if not algo.teachers():
             return
-        from rollout.distill import TeacherScorer, check_routing
+        from rollout.distill import TeacherScorer
 
         if not self.teacher_address:
-            raise ValueError(f"stage {st.type} needs a teacher service (cluster.teacher_address "
-                             "or `teachers` for the embedded one)")
-        check_routing(st, [r.domain for r in self.rows])
-        self.scorer = TeacherScorer(self.teacher_address, st, self.tokenizer)
-        self.alpha, self.baseline, self.top_k = st.alpha, st.baseline, st.top_k
+            raise ValueError(f"stage {algo.type_name()} needs a teacher service "
+                             "(cluster.teacher_address or `teachers` for the embedded one)")
+        for r in self.rows:  # every prompt's domain has a teacher, before sampling
+            algo.teacher_for(r.domain)
+        self.scorer = TeacherScorer(self.teacher_address, algo, self.tokenizer)
 
     def _sample(self, tickets: list[int], G: int) -> tuple[list[Any], list[Any], int]:
         """Generate the groups of `tickets` with weights recent enough for the staleness
@@ -255,8 +254,7 @@ class RolloutWorker:
             g = build_group(job_id=self.job_id, stage=stage, row=r, samples=group,
                             verdicts=verdicts[k:k + len(group)], version=version, ticket=t,
                             step=ticket_step(t, G), worker=self.name,
-                            teacher=scores[gi] if scores is not None else None, alpha=self.alpha,
-                            baseline=self.baseline, top_k=self.top_k,
+                            algo=self.algo, teacher=scores[gi] if scores is not None else None,
                             truncated=self.cfg.rollout.truncated,
                             truncated_reward=self.cfg.rollout.truncated_reward)
             k += len(group)

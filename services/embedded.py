@@ -12,7 +12,8 @@ import threading
 from pathlib import Path
 from typing import Any, Iterator
 
-from nebula.config.job import JobConfig, stage_teachers
+from nebula.config.job import JobConfig
+from nebula.cpu_binding import parse_cores, cpu_binding, cpus_needed
 
 
 @contextlib.contextmanager
@@ -40,9 +41,9 @@ def embedded_stack(cfg: JobConfig, work_dir: Path) -> Iterator[dict[str, Any]]:
         if bind:  # host-side services off the rollout engines' cores (see cpu_binding)
             for proc in (getattr(redis, "proc", None), verifier and verifier["proc"]):
                 if proc is not None:
-                    os.sched_setaffinity(proc.pid, _cores(bind["learner"]))
+                    os.sched_setaffinity(proc.pid, parse_cores(bind["learner"]))
         teacher_address = cl.teacher_address
-        if teacher_address is None and any(stage_teachers(st) for st in cfg.stages):
+        if teacher_address is None and cfg.teacher_names():
             from teacher.client import teacher_process
 
             tcfg = {"port": 0, "metrics_port": None, "host": "127.0.0.1",
@@ -60,7 +61,7 @@ def embedded_stack(cfg: JobConfig, work_dir: Path) -> Iterator[dict[str, Any]]:
                 # names must fit in 107 bytes) and no token file written to ~/.ray.
                 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
                 tmp = tempfile.mkdtemp(prefix="nray-", dir="/tmp")
-                ray.init(num_cpus=max(os.cpu_count() or 1, _cpus_needed(cfg)),
+                ray.init(num_cpus=max(os.cpu_count() or 1, cpus_needed(cfg)),
                          include_dashboard=False, _temp_dir=tmp, log_to_driver=True,
                          configure_logging=True, logging_level="WARNING")
             stack.callback(ray.shutdown)
@@ -68,54 +69,3 @@ def embedded_stack(cfg: JobConfig, work_dir: Path) -> Iterator[dict[str, Any]]:
                 signal.signal(signal.SIGTERM, own_term)
         yield {"redis_url": redis_url, "verifier_address": verifier_address,
                "teacher_address": teacher_address}
-
-
-def _cpus_needed(cfg: JobConfig) -> int:
-    return int(1 + cfg.rollout.workers * cfg.rollout.num_cpus + 0.999)
-
-
-def cpu_binding(cfg: JobConfig) -> dict[str, str] | None:
-    """On one CPU-only machine (the embedded default), the cores each role may use: the learner
-    gets core 0, the rollout engines the rest, as if they were separate devices; the host-side
-    work (the embedded redis-server and verifier service, each rollout worker's scoring and
-    stream-write thread) shares the learner's core, off the engines'. The teacher service
-    floats: its forward passes are heavy and the learner already waits on it. Otherwise
-    (a cluster, GPUs, a single core) None: the scheduler decides. Both benchmarks modes and
-    the bare-engine measurement run under the same binding."""
-    n = os.cpu_count() or 1
-    if (cfg.cluster.ray_address or n < 2 or cfg.rollout.num_gpus > 0
-            or cfg.learner.device == "cuda" or os.environ.get("NEBULA_NO_CPU_BIND")):
-        return None
-    return {"learner": "0", "rollout": "1" if n == 2 else f"1-{n - 1}"}
-
-
-def apply_cpu_binding(role: str) -> None:
-    """In an actor: pin this process (and what it spawns) to NEBULA_CPU_BIND's cores; vLLM's
-    CPU backend binds its OpenMP threads to the same cores."""
-    spec = os.environ.get("NEBULA_CPU_BIND")
-    if not spec:
-        return
-    cores = _cores(spec)
-    os.sched_setaffinity(0, cores)
-    if role == "rollout":
-        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = spec
-    else:
-        import torch
-
-        torch.set_num_threads(len(cores))
-
-
-def bind_thread_to_host_cores() -> None:
-    """In a thread of a pinned rollout actor: move this thread (only; Linux affinity is per
-    thread) to the host-side cores (NEBULA_HOST_CPU_BIND, the learner's). For the glue beside
-    the engine - the scoring and stream-write thread - which on a cluster runs on host cores,
-    not on the accelerator the engine's cores stand in for; on the engine's cores it takes
-    its time from generation."""
-    spec = os.environ.get("NEBULA_HOST_CPU_BIND")
-    if spec:
-        os.sched_setaffinity(0, _cores(spec))
-
-
-def _cores(spec: str) -> set[int]:
-    lo, _, hi = spec.partition("-")
-    return set(range(int(lo), int(hi or lo) + 1))

@@ -1,8 +1,9 @@
 """Turn a job config into Ray actors and run its stages: `nebula run CONFIG`.
 
 Actors: one LearnerWorker (DeepSpeed), `rollout.workers` RolloutWorkers (vLLM engines,
-restarted by Ray on a crash), and a WeightStore. Rollout engines start while the learner
-runs the SFT stages. An RL stage (grpo, opd, mopd) runs rollout and learner concurrently,
+restarted by Ray on a crash), and a WeightStore. Stages dispatch through the algorithm
+registry (`nebula.algo`): rollout engines start while the learner runs the offline stages
+(sft, dpo). An online stage (grpo, opd, mopd) runs rollout and learner concurrently,
 paced by the staleness bound; accuracy on the eval set is measured before and after it
 (and every `eval.interval` learner steps). The learner checkpoints at every stage end; a job
 with `resume_from` restores that checkpoint and goes on from the stage and step it holds.
@@ -18,7 +19,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from nebula.config.job import JobConfig, SFTStage, stage_teachers
+from nebula.algo import algorithm
+from nebula.config.job import JobConfig
 
 ProgressFn = Callable[[dict[str, Any]], None]
 
@@ -70,7 +72,7 @@ class JobRunner:
             self.cfg.model.path = ensure_hf_model(src, self.cfg.model.import_dir)
             self.log(f"model {src} -> {self.cfg.model.path} ({time.monotonic() - t0:.1f}s)")
         if self.cfg.model.toy is not None:
-            from learner.toy_model import ensure_toy_model
+            from nebula.toy_model import ensure_toy_model
 
             t0 = time.monotonic()
             ensure_toy_model(self.cfg.model)
@@ -91,12 +93,11 @@ class JobRunner:
     def preflight(self) -> None:
         """Errors a job is refused for before any service or worker starts, naming the field,
         file or row: a context too short for `rollout.max_tokens`, a prompt that does not fit
-        beside it, chat options the tokenizer cannot honour, an unrouted mopd domain."""
+        beside it, chat options the tokenizer cannot honour, and each stage's own (an SFT or
+        preference row too long, an unrouted mopd domain)."""
         from transformers import AutoTokenizer
 
-        from nebula.config.job import MOPDStage
         from nebula.prompts import context_len, load_prompt_rows
-        from rollout.distill import check_routing
 
         cfg = self.cfg
         ctx = context_len(cfg.model)
@@ -109,18 +110,13 @@ class JobRunner:
         train = [r for d in cfg.datasets.train for r in load_prompt_rows(d, tok, budget)]
         if cfg.datasets.eval is not None:
             load_prompt_rows(cfg.datasets.eval, tok, budget)
+        domains = sorted({r.domain for r in train})
         for i, st in enumerate(cfg.stages):
-            if isinstance(st, SFTStage) and st.dataset is not None:
-                load_prompt_rows(st.dataset, tok, ctx)
-            if isinstance(st, MOPDStage):
-                try:
-                    check_routing(st, [r.domain for r in train])
-                except ValueError as e:
-                    raise ValueError(f"stages.{i}.routing: {e}") from None
+            algorithm(st, cfg).preflight(f"stages.{i}", tok, ctx, domains)
 
     def _check_teachers(self, address: str | None) -> None:
         """Every teacher the stages name is hosted and shares the student's tokenizer."""
-        names = sorted({n for st in self.cfg.stages for n in stage_teachers(st)})
+        names = self.cfg.teacher_names()
         if not names:
             return
         from teacher.client import TeacherClient, check_compatible
@@ -142,7 +138,7 @@ class JobRunner:
         from rollout.weight_store import WeightStore
         from rollout.worker import RolloutWorker
 
-        from services.embedded import cpu_binding
+        from nebula.cpu_binding import cpu_binding
 
         job = self.cfg.model_dump(by_alias=True)
         rc = self.cfg.rollout
@@ -328,12 +324,19 @@ class JobRunner:
                     continue
                 s0 = start if i == first else 0
                 t0 = time.monotonic()
-                if isinstance(stage, SFTStage):
-                    self.log(f"stage {i}: sft, {stage.steps} steps"
+                algo = algorithm(stage, self.cfg)
+                if not algo.online:
+                    measured = algo.measured and self.cfg.datasets.eval is not None
+                    if measured:
+                        ray.get(learner.publish.remote())
+                        self._evaluate(rollouts, f"before stage {i} ({stage.type})")
+                    self.log(f"stage {i}: {stage.type}, {stage.steps} steps"
                              + (f" from step {s0}" if s0 else ""))
-                    res = _wait(learner.run_sft.remote(i, stage.model_dump(), s0),
+                    res = _wait(learner.run_offline.remote(i, stage.model_dump(), s0),
                                 self._poll(learner))
                     ray.get(learner.publish.remote())
+                    if measured:
+                        self._evaluate(rollouts, f"after stage {i} ({stage.type})")
                 else:
                     res = self._run_rl(i, stage, s0, stack, learner, rollouts)
                 # The stage's own figures (e.g. the learner's RL loop time, "wall_s") stay;

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from learner.batch import collate, token_logprobs
-from learner.losses.distill import topk_distill_loss
+from nebula.losses.distill import topk_distill_loss
 from rollout.distill import TeacherScore
+from nebula.algo.opd import OPD, OPDStage
 from rollout.groups import build_group
 from nebula.prompts import PromptRow
 from test_opd import _sample, _verdict  # the fake engine sample / verdict of the OPD tests
@@ -61,7 +62,8 @@ def test_record_and_batch_carry_the_teacher_top_k() -> None:
               TeacherScore("t", "v1", [-1.1], [[2, 9]], [[-0.4, -1.1]])]
     g = build_group(job_id="j", stage="opd0", row=row, samples=samples,
                     verdicts=[_verdict(1.0), _verdict(0.0)], version=3, ticket=0, step=0,
-                    worker="w", teacher=scores, alpha=0.5, baseline="group", top_k=2)
+                    worker="w", teacher=scores,
+                    algo=OPD(OPDStage(teacher="t", alpha=0.5, baseline="group", top_k=2)))
     s0, s1 = g.samples
     assert s0.teacher_top_k == 2 and list(s0.teacher_top_ids) == [7, 3, 4, 8]
     assert list(s1.teacher_top_logprobs) == pytest.approx([-0.4, -1.1])
@@ -100,4 +102,4 @@ def test_wrongly_shaped_top_k_is_refused() -> None:
         build_group(job_id="j", stage="opd0", row=row, samples=[_sample([7, 8], [-1.0, -2.0])],
                     verdicts=[_verdict(1.0)], version=0, ticket=0, step=0, worker="w",
                     teacher=[TeacherScore("t", "v", [-0.5, -2.5], [[7, 3]], [[-0.5, -1.0]])],
-                    top_k=2)
+                    algo=OPD(OPDStage(teacher="t", top_k=2)))

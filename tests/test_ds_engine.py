@@ -14,7 +14,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("deepspeed")
 pytest.importorskip("transformers")
 
-from learner.losses import group_advantages  # noqa: E402
+from nebula.losses import group_advantages  # noqa: E402
 from nebula.config.job import LearnerConfig, ToyModelConfig  # noqa: E402
 from nebula.v1.trajectory_pb2 import TrajectoryGroup  # noqa: E402
 
@@ -37,7 +37,7 @@ def _one_thread() -> Iterator[None]:
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A tiny random Qwen2 (hidden 64, 2 layers, ~100-token char vocab) with its tokenizer."""
-    from learner.toy_model import build_toy_model
+    from nebula.toy_model import build_toy_model
 
     path = tmp_path_factory.mktemp("tiny_qwen2")
     build_toy_model(path, TINY)

@@ -108,7 +108,7 @@ def test_mopd_job_routes_each_domain_to_its_teacher(tmp_path: Path, redis_url: s
     top-k per token and the learner logs the distillation KL."""
     import redis
 
-    from learner.toy_model import build_toy_model
+    from nebula.toy_model import build_toy_model
     from nebula.config.job import ToyModelConfig
     from nebula.transport.pacing import JobKeys
     from nebula.v1.trajectory_pb2 import TrajectoryGroup

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from learner.batch import Batch, collate, collate_sft, token_logprobs
-from learner.losses import (group_advantages, grpo_loss, kl_estimate, kl_k1, kl_k3, sft_loss,
+from nebula.losses import (group_advantages, grpo_loss, kl_estimate, kl_k1, kl_k3, sft_loss,
                             sft_loss_from_logits)
 from nebula.v1.trajectory_pb2 import TrajectoryGroup
 
@@ -219,7 +219,7 @@ def test_collate_alignment() -> None:
 def test_logprob_mismatch_metrics() -> None:
     """|old - beh| and k3 = exp(d) - d - 1 over tokens with behaviour log-probs, and over the
     fresh ones (policy version == the learner's)."""
-    from learner.losses.mismatch import LogprobMismatch
+    from learner.mismatch import LogprobMismatch
 
     b = collate([_group()], pad_id=0)
     d_rows = [[0.1, -0.2], [0.0, 0.3, 0.0, -0.1]]  # old - beh per completion token

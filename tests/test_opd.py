@@ -13,12 +13,16 @@ import pytest
 import torch
 
 from learner.batch import collate
-from learner.losses import grpo_loss, opd_token_advantages, reverse_kl
-from learner.losses.opd import group_baseline
-from learner.toy_model import build_toy_model
-from nebula.config.job import JobConfig, MOPDStage, OPDStage, ToyModelConfig
+from nebula.losses import grpo_loss, opd_token_advantages, reverse_kl
+from nebula.losses.opd import group_baseline
+from nebula.toy_model import build_toy_model
+from nebula.algo.mopd import MOPDStage
+from nebula.algo.opd import OPDStage
+from nebula.config.job import JobConfig, ToyModelConfig
 from nebula.config.load import ConfigError, load_model
-from rollout.distill import TeacherScore, UnroutedDomainError, check_routing, route
+from nebula.algo.mopd import MOPD, UnroutedDomainError
+from nebula.algo.opd import OPD
+from rollout.distill import TeacherScore
 from rollout.groups import build_group
 from nebula.prompts import PromptRow
 
@@ -81,7 +85,8 @@ def test_record_carries_token_advantages_and_lineage() -> None:
     scores = [TeacherScore("t-add", "abc123", [-0.5, -2.5]), TeacherScore("t-add", "abc123", [-1.1])]
     g = build_group(job_id="j", stage="opd1", row=row, samples=samples,
                     verdicts=[_verdict(1.0), _verdict(0.0)], version=3, ticket=0, step=0,
-                    worker="w", teacher=scores, alpha=0.0)
+                    worker="w", teacher=scores,
+                    algo=OPD(OPDStage(teacher="t-add", baseline="none")))
     s0, s1 = g.samples
     assert list(s0.token_advantages) == pytest.approx([0.5, -0.5])
     assert list(s1.token_advantages) == pytest.approx([-1.0])
@@ -94,12 +99,14 @@ def test_record_carries_token_advantages_and_lineage() -> None:
     # with alpha, the group-normalised outcome advantage (+1 / -1 here) is mixed in
     g2 = build_group(job_id="j", stage="opd1", row=row, samples=samples,
                      verdicts=[_verdict(1.0), _verdict(0.0)], version=3, ticket=0, step=0,
-                     worker="w", teacher=scores, alpha=0.5)
+                     worker="w", teacher=scores,
+                     algo=OPD(OPDStage(teacher="t-add", alpha=0.5, baseline="none")))
     assert list(g2.samples[0].token_advantages) == pytest.approx([1.0, 0.0], abs=1e-5)
     # the group baseline: the mean of the three log-ratios (0.5, -0.5, -1.0) is -1/3
     g3 = build_group(job_id="j", stage="opd1", row=row, samples=samples,
                      verdicts=[_verdict(1.0), _verdict(0.0)], version=3, ticket=0, step=0,
-                     worker="w", teacher=scores, baseline="group")
+                     worker="w", teacher=scores,
+                     algo=OPD(OPDStage(teacher="t-add", baseline="group")))
     assert list(g3.samples[0].token_advantages) == pytest.approx([0.5 + 1 / 3, -0.5 + 1 / 3])
     assert list(g3.samples[1].token_advantages) == pytest.approx([-1.0 + 1 / 3])
 
@@ -108,15 +115,15 @@ def test_record_carries_token_advantages_and_lineage() -> None:
 
 
 def test_routing_table() -> None:
-    opd = OPDStage(teacher="t")
-    assert route(opd, "anything") == "t"
-    mopd = MOPDStage(routing={"add": "t-add", "rev": "t-rev"})
-    assert route(mopd, "add") == "t-add" and route(mopd, "rev") == "t-rev"
+    assert OPD(OPDStage(teacher="t")).teacher_for("anything") == "t"
+    mopd = MOPD(MOPDStage(routing={"add": "t-add", "rev": "t-rev"}))
+    assert mopd.teacher_for("add") == "t-add" and mopd.teacher_for("rev") == "t-rev"
+    assert mopd.teachers() == ["t-add", "t-rev"]
     with pytest.raises(UnroutedDomainError, match="'mul'"):
-        route(mopd, "mul")
-    check_routing(mopd, ["add", "rev", "add"])
+        mopd.teacher_for("mul")
+    mopd.check_domains(["add", "rev", "add"])
     with pytest.raises(UnroutedDomainError, match="'geo', 'mul'"):
-        check_routing(mopd, ["add", "mul", "geo"])
+        mopd.check_domains(["add", "mul", "geo"])
 
 
 def _job(tmp: Path, **over: Any) -> dict[str, Any]:
@@ -183,8 +190,8 @@ def test_scorer_routes_each_domain_to_its_teacher(teachers: dict[str, Any]) -> N
     from rollout.distill import TeacherScorer
 
     tok = AutoTokenizer.from_pretrained(teachers["paths"]["student"])
-    scorer = TeacherScorer(teachers["address"], MOPDStage(routing={"add": "t-add",
-                                                                   "rev": "t-rev"}), tok)
+    mopd = MOPD(MOPDStage(routing={"add": "t-add", "rev": "t-rev"}))
+    scorer = TeacherScorer(teachers["address"], mopd, tok)
     prompts = [tok.encode("12+3="), tok.encode("rev abc=")]
     comps = [[tok.encode("15"), tok.encode("51")], [tok.encode("cba")]]
     out = scorer.score(prompts, ["add", "rev"], comps)
@@ -213,7 +220,7 @@ def test_scorer_refuses_unknown_teacher_and_mismatched_tokenizer(
 
     tok = AutoTokenizer.from_pretrained(teachers["paths"]["student"])
     with pytest.raises(UnknownTeacherError, match="t-mul"):
-        TeacherScorer(teachers["address"], OPDStage(teacher="t-mul"), tok)
+        TeacherScorer(teachers["address"], OPD(OPDStage(teacher="t-mul")), tok)
     swapped = tmp_path / "swapped"
     shutil.copytree(teachers["paths"]["student"], swapped)
     tj = json.loads((swapped / "tokenizer.json").read_text())
@@ -221,5 +228,5 @@ def test_scorer_refuses_unknown_teacher_and_mismatched_tokenizer(
     vocab["a"], vocab["b"] = vocab["b"], vocab["a"]
     (swapped / "tokenizer.json").write_text(json.dumps(tj))
     with pytest.raises(TokenizerMismatchError, match="tokenizers differ"):
-        TeacherScorer(teachers["address"], OPDStage(teacher="t-add"),
+        TeacherScorer(teachers["address"], OPD(OPDStage(teacher="t-add")),
                       AutoTokenizer.from_pretrained(swapped))

@@ -1,7 +1,10 @@
-"""Third-party verifiers: an installed entry-point plug-in, and a remote gRPC verifier."""
+"""Third-party plug-ins: an entry-point verifier, a remote gRPC verifier, and an entry-point
+algorithm (a new stage type) trained through a whole job."""
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -49,3 +52,56 @@ def test_remote_verifier_is_called_through_the_same_interface(tmp_path: Path) ->
             assert res[0].details["remote"]["verifier"] == "math"
             assert res[1].status == "ok" and not res[1].passed
             assert res[2].status in ("error", "timeout") and res[2].reason
+
+
+PLUGIN_JOB = r"""
+import json, sys
+from pathlib import Path
+from api_procs import toy_job
+from nebula.algo import algorithms
+from nebula.config import load_model
+from nebula.config.job import JobConfig
+from nebula.tasks.synthetic import make_split
+from services.runner import JobRunner
+
+tmp = Path(sys.argv[1])
+assert algorithms()["rloo"].__module__ == "nebula_rloo"
+train, held = make_split("addition_pref", tmp / "pref", eval_size=50)
+data = toy_job(tmp, sft_steps=8, output_dir=str(tmp / "run"))
+data["stages"] = [
+    {"type": "sft", "steps": 8, "batch_size": 16, "lr": 0.003},
+    {"type": "dpo", "steps": 3, "batch_size": 8, "lr": 0.001, "beta": 0.1,
+     "dataset": {"path": str(train), "limit": 64}, "eval_dataset": {"path": str(held)}},
+    {"type": "rloo", "steps": 2}]
+summary = JobRunner(load_model(JobConfig, data), job_id="plug").run()
+print("SUMMARY " + json.dumps(summary, default=str))
+"""
+
+
+def test_algorithm_plugin_and_the_chain_run_a_job(tmp_path: Path) -> None:
+    """A third-party algorithm (RLOO, tests/data/algo_plugin) installed as an entry point is a
+    stage type like a built-in one: it validates in a job config and trains through the
+    runner, the rollout workers and the learner, after SFT and DPO stages (the Tülu chain's
+    shape), without any change to Nebula's code."""
+    site = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
+                    "--no-build-isolation", "--target", str(site),
+                    str(ROOT / "tests" / "data" / "algo_plugin")], check=True)
+    env = {**os.environ, "PYTHONPATH": f"{site}:{ROOT}:{ROOT / 'tests'}"}
+    out = subprocess.run([sys.executable, "-c", PLUGIN_JOB, str(tmp_path)], env=env,
+                         capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    line = [x for x in out.stdout.splitlines() if x.startswith("SUMMARY ")][-1]
+    summary = json.loads(line.removeprefix("SUMMARY "))
+    sft, dpo, rloo = summary["stages"]
+    assert [sft["stage"], dpo["stage"], rloo["stage"]] == ["sft0", "dpo1", "rloo2"]
+    assert rloo["tickets_trained_n"] == 2 * 2 and rloo["steps"] == 2
+    held = dpo["held_out"]
+    assert held["before"]["pref_pairs"] == held["after"]["pref_pairs"] == 50
+    assert 0.0 <= held["after"]["pref_accuracy"] <= 1.0
+    assert dpo["final"]["examples"] == 8.0 and "reward_accuracy" in dpo["final"]
+    whens = [e["when"] for e in summary["evals"]]
+    assert whens[:2] == ["before stage 1 (dpo)", "after stage 1 (dpo)"]
+    assert whens[-1] == "after stage 2 (rloo)"
+    ckpt = Path(dpo["checkpoint"]).parent
+    assert len(json.loads((ckpt / "dpo1-prepared.json").read_text())) == 64  # cached refs

@@ -117,7 +117,7 @@ def test_bad_input_names_file_row_and_field(smol: Any, tmp_path: Path) -> None:
 
 
 def test_chat_prompt_without_a_template_is_refused(tmp_path: Path) -> None:
-    from learner.toy_model import build_toy_model
+    from nebula.toy_model import build_toy_model
     from nebula.config.job import ToyModelConfig
 
     toy = build_toy_model(tmp_path / "toy", ToyModelConfig())

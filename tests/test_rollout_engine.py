@@ -18,7 +18,7 @@ pytest.importorskip("transformers")
 
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
-from learner.toy_model import build_toy_model  # noqa: E402
+from nebula.toy_model import build_toy_model  # noqa: E402
 from nebula.config.job import ToyModelConfig  # noqa: E402
 from rollout.engine import (  # noqa: E402
     RolloutEngine,

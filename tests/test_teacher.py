@@ -24,7 +24,7 @@ pytest.importorskip("transformers")
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
-from learner.toy_model import build_toy_model  # noqa: E402
+from nebula.toy_model import build_toy_model  # noqa: E402
 from nebula.config.job import ToyModelConfig  # noqa: E402
 from nebula.config.load import ConfigError, load_file, load_model  # noqa: E402
 from nebula.config.teacher import TeacherModelConfig, TeacherServiceConfig  # noqa: E402

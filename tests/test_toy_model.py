@@ -11,7 +11,7 @@ pytest.importorskip("transformers")
 
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
-from learner.toy_model import (  # noqa: E402
+from nebula.toy_model import (  # noqa: E402
     CHARS,
     build_char_tokenizer,
     build_toy_model,

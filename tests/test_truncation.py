@@ -10,6 +10,7 @@ import pytest
 from learner.batch import collate
 from nebula.prompts import PromptRow
 from rollout.engine import SampleOut
+from nebula.algo.grpo import GRPO, GRPOStage
 from rollout.groups import build_group
 from verifier.engine import ItemResult
 
@@ -23,7 +24,8 @@ def _group(policy: str, reward: float = 0.0):
     verdicts = [ItemResult(id=str(i), verifier="exact", status="ok", reward=r, passed=r > 0)
                 for i, r in enumerate([1.0, 1.0, 0.0])]
     return build_group(job_id="j", stage="grpo0", row=ROW, samples=samples, verdicts=verdicts,
-                       version=3, ticket=0, step=0, worker="w", truncated=policy,
+                       version=3, ticket=0, step=0, worker="w", algo=GRPO(GRPOStage()),
+                       truncated=policy,
                        truncated_reward=reward)
 
 
@@ -65,7 +67,7 @@ def test_unscored_samples_are_left_out_of_the_loss_and_the_group_statistics() ->
                 ItemResult(id="1", verifier="math", status="timeout", reward=0.0),
                 ItemResult(id="2", verifier="math", status="ok", reward=0.0)]
     g = build_group(job_id="j", stage="grpo0", row=ROW, samples=samples, verdicts=verdicts,
-                    version=0, ticket=0, step=0, worker="w")
+                    version=0, ticket=0, step=0, worker="w", algo=GRPO(GRPOStage()))
     # The two scored samples are normalised between themselves (+1, -1); the timed-out one
     # gets no advantage and no loss, where a 0 reward would have made it a wrong answer.
     assert [round(s.advantage, 4) for s in g.samples] == [1.0, 0.0, -1.0]

@@ -15,7 +15,7 @@ def test_nccl_push_changes_vllm_greedy_output(tmp_path: Path) -> None:
     import ray
     import torch
 
-    from learner.toy_model import build_toy_model
+    from nebula.toy_model import build_toy_model
     from learner.worker import LearnerWorker
     from nebula.config import load_model
     from nebula.config.job import JobConfig, ToyModelConfig

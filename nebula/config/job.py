@@ -3,12 +3,20 @@ documented once here."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Union
+from typing import Literal
 
 from pydantic import Field, model_validator
 
+from nebula.algo import algorithm, stage_union
+from nebula.config.data import DatasetConfig
 from nebula.config.teacher import TeacherModelConfig
 from nebula.config.verifier import Strict, VerifierServiceConfig
+
+__all__ = ["DatasetConfig", "JobConfig", "ModelConfig", "Stage"]
+
+# The union of the registered algorithms' stage configs, discriminated by `type`: built-ins
+# and plug-ins of the entry-point group `nebula.algorithms`, found when this module loads.
+Stage = stage_union()
 
 
 class ToyModelConfig(Strict):
@@ -40,97 +48,6 @@ class ModelConfig(Strict):
     toy: ToyModelConfig | None = Field(
         None, description="Build a toy model at `path` if no checkpoint is there yet."
     )
-
-
-class DatasetConfig(Strict):
-    """Local jsonl/parquet rows read with `datasets`."""
-
-    path: str = Field(..., description="A .jsonl/.json or .parquet file.")
-    prompt_field: str = Field("prompt", description="Field with the prompt: a string, or a "
-                              "list of chat messages ({role, content}).")
-    reference_field: str = Field("answer", description="Field with the reference answer.")
-    verifier: str = Field("math", description="Verifier that scores responses to these prompts.")
-    verifier_field: str | None = Field(None, description="Per-row verifier name (overrides "
-                                       "`verifier` where present).")
-    metadata_fields: list[str] = Field(default_factory=list,
-                                       description="Row fields passed to the verifier as metadata.")
-    domain: str | None = Field(None, description="Domain tag of every row (MOPD routing).")
-    domain_field: str | None = Field(None, description="Per-row domain tag field.")
-    chat_template: Literal["auto", "never", "always"] = Field(
-        "auto", description="Apply the tokenizer's chat template to plain-text prompts (as one "
-        "user message): auto = when it has one. Chat-message prompts always use it. Plain text "
-        "without the template is tokenized with the tokenizer's special tokens (BOS where it "
-        "adds one), as vLLM and TRL do; templated text carries its own, so no BOS is doubled.")
-    system_prompt: str | None = Field(
-        None, description="A system message put before every templated prompt that has none.")
-    chat_template_kwargs: dict[str, Any] = Field(
-        default_factory=dict, description="Extra options of the chat template, e.g. "
-        "{enable_thinking: false} for Qwen3; unknown options are refused when the template "
-        "does not use them.")
-    limit: int | None = Field(None, gt=0, description="Use only the first N rows.")
-
-
-class SFTStage(Strict):
-    type: Literal["sft"] = "sft"
-    dataset: DatasetConfig | None = Field(None, description="SFT rows (default: datasets.train); "
-                                          "the target is the reference field.")
-    steps: int = Field(100, gt=0, description="Optimizer steps.")
-    batch_size: int = Field(32, gt=0, description="Sequences per step.")
-    lr: float = Field(1e-3, gt=0, description="Peak learning rate (5% linear warm-up, then "
-                      "cosine decay to 10% of it).")
-
-
-class GRPOStage(Strict):
-    type: Literal["grpo"] = "grpo"
-    steps: int = Field(50, gt=0, description="Learner optimizer steps (policy versions).")
-
-
-class OPDStage(Strict):
-    """On-policy distillation: student samples scored token by token by one teacher."""
-
-    type: Literal["opd"] = "opd"
-    steps: int = Field(50, gt=0, description="Learner optimizer steps (policy versions).")
-    teacher: str = Field(..., description="Name of the teacher (hosted by the teacher service).")
-    alpha: float = Field(0.0, ge=0, description="Weight of the verifier's group-normalised "
-                         "outcome advantage added to the per-token reverse-KL advantage "
-                         "log pi_teacher - log pi_student (0: pure distillation).")
-    baseline: Literal["none", "group"] = Field(
-        "group", description="Variance reduction: group = subtract the mean per-token "
-        "log-ratio of the prompt's samples (the GRPO-style group baseline; the expected "
-        "gradient is unchanged), none = the raw log-ratio.")
-    top_k: int = Field(0, ge=0, le=1024, description="0: distil through the sampled-token "
-                       "reverse-KL advantage above. k > 0: the teacher also returns its top-k "
-                       "log-probs at every completion position and the student is trained to "
-                       "match that distribution on its own samples (cross-entropy to the "
-                       "teacher's renormalised top-k, i.e. forward KL on on-policy prefixes) "
-                       "instead; alpha still adds the outcome advantage through the GRPO "
-                       "surrogate. Dense per-position supervision: much faster on tasks where "
-                       "the student lacks knowledge the teacher has (bench/opd_vs_grpo.py).")
-
-
-class MOPDStage(Strict):
-    """Multi-teacher OPD: each sample is scored by the teacher of its prompt's domain."""
-
-    type: Literal["mopd"] = "mopd"
-    steps: int = Field(50, gt=0, description="Learner optimizer steps (policy versions).")
-    routing: dict[str, str] = Field(..., min_length=1, description="Domain tag -> teacher name. "
-                                    "Every domain of the training prompts must be listed.")
-    alpha: float = Field(0.0, ge=0, description="As in `opd`: weight of the outcome advantage.")
-    baseline: Literal["none", "group"] = Field("group", description="As in `opd`.")
-    top_k: int = Field(0, ge=0, le=1024, description="As in `opd`.")
-
-
-Stage = Annotated[Union[SFTStage, GRPOStage, OPDStage, MOPDStage], Field(discriminator="type")]
-RLStage = Union[GRPOStage, OPDStage, MOPDStage]
-
-
-def stage_teachers(stage: object) -> list[str]:
-    """Teachers a stage asks for (none for sft/grpo)."""
-    if isinstance(stage, OPDStage):
-        return [stage.teacher]
-    if isinstance(stage, MOPDStage):
-        return sorted(set(stage.routing.values()))
-    return []
 
 
 class DatasetsConfig(Strict):
@@ -252,7 +169,8 @@ class JobConfig(Strict):
     model: ModelConfig
     datasets: DatasetsConfig
     stages: list[Stage] = Field(..., min_length=1,
-                                description="Run in order: sft, grpo, opd, mopd.")
+                                description="Run in order, each starting from the last one's "
+                                "weights: sft, dpo, grpo, opd, mopd or a plug-in's type.")
     teachers: list[TeacherModelConfig] = Field(
         default_factory=list, description="Teachers of the opd/mopd stages, hosted by an "
         "embedded teacher service when `cluster.teacher_address` is not set.")
@@ -294,23 +212,22 @@ class JobConfig(Strict):
             and self.learner.device != "cpu"
         return "nccl" if on_gpu else "object_store"
 
+    def teacher_names(self) -> list[str]:
+        """Every teacher the stages ask for."""
+        return sorted({n for st in self.stages for n in algorithm(st, self).teachers()})
+
     def _check_teachers(self) -> None:
-        """Teacher names must resolve and MOPD domains must be routed, before the job starts
-        (prompts with a per-row `domain_field` are checked when the job loads them)."""
-        if self.cluster.teacher_address is None:
-            hosted = {t.name for t in self.teachers}
-            for i, st in enumerate(self.stages):
-                for name in stage_teachers(st):
+        """Teacher names must resolve, and each algorithm's cross-field checks pass (e.g. MOPD
+        domains routed), before the job starts (per-row data is checked when the job loads
+        it)."""
+        hosted = {t.name for t in self.teachers}
+        for i, st in enumerate(self.stages):
+            algo = algorithm(st, self)
+            if self.cluster.teacher_address is None:
+                for name in algo.teachers():
                     if name not in hosted:
                         raise ValueError(
                             f"stages.{i}: teacher {name!r} is not in `teachers` "
                             f"({', '.join(sorted(hosted)) or 'none listed'}) and no "
                             "cluster.teacher_address is set")
-        static = {d.domain or "" for d in self.datasets.train if d.domain_field is None}
-        for i, st in enumerate(self.stages):
-            if isinstance(st, MOPDStage):
-                missing = sorted(static - st.routing.keys())
-                if missing:
-                    raise ValueError(f"stages.{i}.routing: no teacher for domain(s) "
-                                     f"{', '.join(map(repr, missing))} of datasets.train "
-                                     "(set `domain` or `domain_field` on each dataset)")
+            algo.check_config(f"stages.{i}")

@@ -2,10 +2,10 @@
 truncated importance sampling, KL estimators, GRPO group advantages and OPD per-token
 advantages."""
 
-from learner.losses.grpo import group_advantages, grpo_loss
-from learner.losses.kl import kl_estimate, kl_k1, kl_k3
-from learner.losses.opd import opd_token_advantages, reverse_kl
-from learner.losses.sft import sft_loss, sft_loss_from_logits
+from nebula.losses.grpo import group_advantages, grpo_loss
+from nebula.losses.kl import kl_estimate, kl_k1, kl_k3
+from nebula.losses.opd import opd_token_advantages, reverse_kl
+from nebula.losses.sft import sft_loss, sft_loss_from_logits
 
 __all__ = ["grpo_loss", "group_advantages", "kl_estimate", "kl_k1", "kl_k3",
            "opd_token_advantages", "reverse_kl", "sft_loss",

@@ -19,7 +19,7 @@ decoupled PPO objective:
 
     w_t    = min(exp(old - beh), is_cap)      (detached; w_t = 1 when is_cap is None)
 
-Per-token loss, with an optional KL penalty (estimators in `learner.losses.kl`):
+Per-token loss, with an optional KL penalty (estimators in `nebula.losses.kl`):
 
     l_t    = w_t * pg_t + kl_coef * KL_t(logp, ref)
 
@@ -44,7 +44,7 @@ from typing import Literal
 
 import torch
 
-from learner.losses.kl import KLEstimator, kl_estimate
+from nebula.losses.kl import KLEstimator, kl_estimate
 
 LossNorm = Literal["token", "sequence"]
 

@@ -4,7 +4,7 @@ The student samples a completion; the teacher scores each sampled token. The per
 advantage is the negative per-token reverse KL estimate, log pi_teacher(y_t) - log
 pi_student(y_t): tokens the teacher finds likelier than the student are pushed up, the rest
 down. It then goes through the same clipped, importance-corrected surrogate as GRPO
-(learner/losses/grpo.py), so stale samples are handled the same way. Optionally the
+(nebula/losses/grpo.py), so stale samples are handled the same way. Optionally the
 verifier's group-normalised outcome advantage is mixed in with weight alpha, and a group
 baseline (the mean log-ratio of the prompt's samples) can be subtracted.
 """
