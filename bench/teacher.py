@@ -43,7 +43,7 @@ sys.path[:0] = [str(ROOT)]
 
 import numpy as np  # noqa: E402
 
-from teacher.client import TeacherClient, teacher_process  # noqa: E402
+from nebula.clients.teacher import TeacherClient, teacher_process  # noqa: E402
 
 NAME = "toy-teacher"
 FIRST_TOKEN = 3  # ids 0..2 are <pad>, </s>, <unk> in the toy char tokenizer

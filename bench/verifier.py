@@ -29,8 +29,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from procs import verifier_server  # noqa: E402
 
-from verifier.client import VerifierClient  # noqa: E402
-from verifier.engine import Item  # noqa: E402
+from nebula.clients.verifier import VerifierClient  # noqa: E402
+from nebula.clients.verifier import Item  # noqa: E402
 
 
 def math_items(n: int, seed: int) -> list[tuple[str, str]]:
@@ -81,7 +81,7 @@ def service_rate(client: VerifierClient, items: list[tuple[str, str]], workers: 
 
 async def sandbox_latencies(runs: int) -> tuple[list[float], list[float]]:
     from nebula.config import SandboxConfig
-    from verifier.sandbox import Sandbox
+    from nebula.sandbox import Sandbox
 
     cfg = SandboxConfig()
     sandbox = Sandbox(cfg)

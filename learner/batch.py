@@ -161,6 +161,8 @@ def _rows_to_batch(rows: Sequence[dict[str, Any]], pad_id: int, device: Any) -> 
         else:
             put(advantages, adv, "token_advantages")
         put(versions, r.get("versions"), "policy_versions", dtype=torch.long)
+        if r.get("versions"):  # version -1: not the policy's token (an observation)
+            has_behaviour[b, cols] &= versions[b, cols] >= 0
         put(teacher, r.get("teacher"), "teacher_logprobs", has_teacher)
         rk = int(r.get("top_k") or 0)
         if rk:

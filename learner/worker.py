@@ -243,10 +243,9 @@ class LearnerWorker:
             wait_s = time.monotonic() - t_wait
             before = self.engine.version
             t0 = time.monotonic()
-            trained = groups
-            if self.cfg.learner.skip_uniform_groups:
-                trained = [g for g in groups if any(s.advantage != 0 or len(s.token_advantages)
+            informative = [g for g in groups if any(s.advantage != 0 or len(s.token_advantages)
                                                     for s in g.samples)]
+            trained = informative if self.cfg.learner.skip_uniform_groups else groups
             if trained:
                 m = self.engine.step(collate(trained, self.engine.pad_id), algo,
                                      examples=len(trained))
@@ -267,6 +266,10 @@ class LearnerWorker:
             tokens = sum(lengths)
             samples_total += len(rewards)
             m.update(algo.step_metrics(groups))
+            if any(s.turns > 1 or s.tool_calls for g in groups for s in g.samples):
+                m["turns_mean"] = sum(s.turns for g in groups for s in g.samples) / len(lengths)
+                m["tool_calls_mean"] = sum(s.tool_calls for g in groups
+                                           for s in g.samples) / len(lengths)
             m.update({
                 "reward_mean": sum(rewards) / len(rewards),
                 "pass_rate": sum(passed) / len(passed),
@@ -274,6 +277,11 @@ class LearnerWorker:
                 "verifier_errors": sum(s.verify.status == 2 for g in groups for s in g.samples),
                 "verifier_timeouts": sum(s.verify.status == 3 for g in groups
                                          for s in g.samples),
+                # episodes the environment failed (an unreadable tool call): out of the loss
+                "env_errors": sum(bool(s.env_error) for g in groups for s in g.samples),
+                # dynamic sampling: groups generated again from a fresh prompt
+                "refills": sum(g.refills for g in groups),
+                "uniform_groups": len(groups) - len(informative),
                 "staleness_max": max(stale), "staleness_mean": sum(stale) / len(stale),
                 "completion_len_mean": tokens / len(lengths),
                 "truncation_rate": sum(s.truncated for g in groups for s in g.samples)

@@ -38,6 +38,7 @@ class PromptRow:
     verifier: str
     domain: str = ""
     metadata: dict[str, Any] = field(default_factory=dict)
+    templated: bool = False  # the prompt went through the chat template
 
     @property
     def prompt_id(self) -> str:
@@ -145,13 +146,17 @@ def load_prompt_rows(cfg: DatasetConfig, tokenizer: Any, max_prompt_tokens: int 
                                f"room for {max_prompt_tokens} (model.max_model_len minus "
                                "rollout.max_tokens)")
         ref = row[cfg.reference_field]
+        raw = row[cfg.prompt_field]
+        has_template = bool(getattr(tokenizer, "chat_template", None))
+        templated = not isinstance(raw, str) or cfg.chat_template == "always" or (
+            cfg.chat_template == "auto" and has_template)
         verifier = row.get(cfg.verifier_field) if cfg.verifier_field else None
         domain = row.get(cfg.domain_field) if cfg.domain_field else None
         rows.append(PromptRow(
             index=i, prompt_text=text, prompt_ids=ids,
             reference=ref if isinstance(ref, str) else json.dumps(ref),
             verifier=verifier or cfg.verifier, domain=domain or cfg.domain or "",
-            metadata={k: row.get(k) for k in cfg.metadata_fields},
+            metadata={k: row.get(k) for k in cfg.metadata_fields}, templated=templated,
         ))
     if not rows:
         raise DatasetError(f"{cfg.path}: no rows")

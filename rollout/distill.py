@@ -28,8 +28,8 @@ class TeacherScorer:
     """Scores (prompt, completion) token ids with the routed teachers over gRPC."""
 
     def __init__(self, address: str, algo: Algorithm, student_tokenizer: Any) -> None:
-        from teacher.client import TeacherClient, check_compatible
-        from teacher.model import tokenizer_fingerprint
+        from nebula.clients.teacher import TeacherClient, check_compatible
+        from nebula.clients.teacher import tokenizer_fingerprint
 
         self.algo = algo
         self.client = TeacherClient(address, timeout_s=600)

@@ -17,7 +17,8 @@ __all__ = ["build_group"]
 def build_group(*, job_id: str, stage: str, row: PromptRow, samples: list, verdicts: list,
                 version: int, ticket: int, step: int, worker: str, algo: Algorithm,
                 teacher: Sequence[TeacherScore] | None = None, truncated: str = "keep",
-                truncated_reward: float = 0.0) -> TrajectoryGroup:
+                truncated_reward: float = 0.0, max_tokens: int = 0, overlong_buffer: int = 0,
+                overlong_penalty: float = 1.0) -> TrajectoryGroup:
     """samples: engine SampleOut list; verdicts: verifier ItemResult list (same order);
     teacher: each sample's teacher score when the stage has teachers (opd/mopd).
 
@@ -29,7 +30,9 @@ def build_group(*, job_id: str, stage: str, row: PromptRow, samples: list, verdi
     A completion cut by max_tokens is marked `truncated`; `truncated` (the job's
     rollout.truncated) says what that means: keep (trained as any other), mask (loss mask 0,
     so it adds no gradient, but its reward still counts in the group's statistics, as in
-    DAPO's overlong filtering) or penalty (its reward becomes `truncated_reward`).
+    DAPO's overlong filtering) or penalty (its reward becomes `truncated_reward`). With
+    `overlong_buffer` > 0, a completion of more than max_tokens - overlong_buffer generated
+    tokens loses up to `overlong_penalty` of reward, linearly (DAPO's soft punishment).
 
     A sample the verifier could not score (status error or timeout) is left out of the loss
     and of its group's advantage statistics, unless the algorithm does not use the verdicts
@@ -38,11 +41,20 @@ def build_group(*, job_id: str, stage: str, row: PromptRow, samples: list, verdi
     if truncated not in ("keep", "mask", "penalty"):
         raise ValueError(f"rollout.truncated must be keep, mask or penalty, not {truncated!r}")
     cut = [s.finish_reason == "length" for s in samples]
-    # A verdict of error/timeout is no verdict: its sample is not a wrong answer.
-    unscored = [v.status != "ok" and algo.uses_verdicts for v in verdicts]
-    rewards = [v.reward if v.status == "ok" else 0.0 for v in verdicts]
+    # A verdict of error/timeout is no verdict: its sample is not a wrong answer. An episode
+    # the environment failed (an unreadable tool call) is never trained as if valid either.
+    failed = [bool(getattr(s, "error", "")) for s in samples]
+    unscored = [(v.status != "ok" and algo.uses_verdicts) or f for v, f in zip(verdicts, failed)]
+    rewards = [(v.reward if v.status == "ok" else 0.0)
+               + sum(getattr(s, "reward_parts", {}).values()) for v, s in zip(verdicts, samples)]
     if truncated == "penalty":
         rewards = [truncated_reward if c else r for c, r in zip(cut, rewards)]
+    if overlong_buffer > 0:  # DAPO's soft over-long punishment on the generated tokens
+        start = max_tokens - overlong_buffer
+        rewards = [r - overlong_penalty * min(1.0, max(0, sum(getattr(smp, "token_mask", None)
+                                                              or [1] * len(smp.completion_ids))
+                                                       - start) / overlong_buffer)
+                   for r, smp in zip(rewards, samples)]
     advantages = algo.advantages(rewards, [not u for u in unscored], samples, teacher)
     g = TrajectoryGroup(
         group_id=f"{job_id}:{ticket}", job_id=job_id, stage=stage, prompt_id=row.prompt_id,
@@ -53,12 +65,17 @@ def build_group(*, job_id: str, stage: str, row: PromptRow, samples: list, verdi
     top_k = algo.teacher_top_k
     for i, (s, v, r, (a, token_adv)) in enumerate(zip(samples, verdicts, rewards, advantages)):
         n = len(s.completion_ids)
+        # Multi-turn episodes (rollout/episodes.py): observation tokens are not the policy's.
+        own = getattr(s, "token_mask", None) or [1] * n
+        drop = unscored[i] or (cut[i] and truncated == "mask")
         sample = g.samples.add(
             completion_ids=s.completion_ids, behaviour_logprobs=s.logprobs,
-            policy_versions=[version] * n,
-            loss_mask=[0 if unscored[i] or (cut[i] and truncated == "mask") else 1] * n,
+            policy_versions=[version if m else -1 for m in own],
+            loss_mask=[0] * n if drop else own,
             reward=r, advantage=a, token_advantages=token_adv,
-            completion_text=s.text, finish_reason=s.finish_reason, truncated=cut[i],
+            completion_text=getattr(s, "full_text", s.text), finish_reason=s.finish_reason,
+            truncated=cut[i], turns=getattr(s, "turns", 1), tool_calls=getattr(s, "tool_calls", 0),
+            env_error=getattr(s, "error", ""), reward_parts=getattr(s, "reward_parts", {}),
         )
         if teacher is not None:
             t = teacher[i]

@@ -42,7 +42,7 @@ class RolloutWorker:
 
         from rollout.factory import make_engine
         from nebula.prompts import PromptOrder, load_prompt_rows
-        from verifier.client import VerifierClient
+        from nebula.clients.verifier import VerifierClient
 
         from nebula.cpu_binding import apply_cpu_binding
 
@@ -58,6 +58,13 @@ class RolloutWorker:
 
         self.tokenizer = AutoTokenizer.from_pretrained(self.cfg.model.path)
         self.engine = make_engine(self.cfg, seed=self.cfg.seed + 1000 * index)
+        from nebula.prompts import context_len
+        from rollout.episodes import EpisodeRunner
+
+        # Every sample is an episode of the job's environment (one engine call per batch for
+        # single-turn ones, as before).
+        self.episodes = EpisodeRunner(self.engine, self.tokenizer, self.cfg.rollout.environment,
+                                      context_len(self.cfg.model))
         self.rows = [r for d in self.cfg.datasets.train
                      for r in load_prompt_rows(d, self.tokenizer)]
         for i, r in enumerate(self.rows):
@@ -147,9 +154,13 @@ class RolloutWorker:
         self._start_scorer(self.algo)
         G = self.cfg.learner.groups_per_step
         self.keys = JobKeys(keys_id)
+        from nebula.transport.stream import RedisTrajectoryStream
+
+        self.stream = RedisTrajectoryStream(self.redis_url, self.keys.stream)
         self.loaded_steps = -1  # step counts restart with each stage
         pacer = StalenessPacer(self.redis_url, self.keys, self.cfg.async_.max_staleness, G)
         total = total_steps * G
+        self.fresh_base = total  # dynamic sampling's fresh prompts come after the stage's
         inflight = self.keys.inflight(self.name)
         # Groups this worker reserved before a crash: generate them again first.
         leftover = sorted(int(t) for t in self.r.hkeys(inflight))
@@ -215,27 +226,28 @@ class RolloutWorker:
             algo.teacher_for(r.domain)
         self.scorer = TeacherScorer(self.teacher_address, algo, self.tokenizer)
 
-    def _sample(self, tickets: list[int], G: int) -> tuple[list[Any], list[Any], int]:
-        """Generate the groups of `tickets` with weights recent enough for the staleness
-        bound; returns (prompt rows, samples per row, policy version)."""
+    def _sample(self, tickets: list[int], G: int, rows: list[Any] | None = None
+                ) -> tuple[list[Any], list[Any], int]:
+        """Generate the groups of `tickets` (their prompts, or `rows`) with weights recent
+        enough for the staleness bound; returns (prompt rows, samples per row, version)."""
         rc = self.cfg.rollout
         # Staleness bound: weights with >= step(t) - max_staleness steps are recent enough.
         need = max(ticket_step(t, G) for t in tickets) - self.cfg.async_.max_staleness
-        rows = [self.order[t] for t in tickets]
+        rows = rows if rows is not None else [self.order[t] for t in tickets]
         with self._engine_lock:
             version = self.sync_weights(min_steps=need)
             t0 = time.monotonic()
-            outs = self.engine.generate([r.prompt_ids for r in rows], rc.samples_per_prompt,
-                                        rc.temperature, rc.top_p, rc.max_tokens, rc.stop)
+            outs = self.episodes.run(rows, rc.samples_per_prompt, rc.temperature, rc.top_p,
+                                     rc.max_tokens, rc.stop)
         self.stats["gen_s"] += time.monotonic() - t0
         return rows, outs, version
 
-    def _finish(self, stage: str, tickets: list[int], rows: list[Any], outs: list[Any],
-                version: int, G: int) -> None:
-        """Score the samples (verifier; teacher in opd/mopd), build the groups and write them
-        to the stream, ending their reservations in the same transaction."""
+    def _score(self, stage: str, tickets: list[int], rows: list[Any], outs: list[Any],
+               version: int, G: int) -> list[Any]:
+        """Score the samples (verifier; teachers when the stage has them) and build the
+        groups' records."""
         from rollout.groups import build_group
-        from verifier.engine import Item
+        from nebula.clients.verifier import Item
 
         t1 = time.monotonic()
         items = [Item(r.verifier, s.text, r.reference, r.metadata, id=f"{t}:{j}")
@@ -248,22 +260,53 @@ class RolloutWorker:
                                        [[s.completion_ids for s in group] for group in outs])
             self.stats["teacher_s"] = self.stats.get("teacher_s", 0.0) + time.monotonic() - t2
         self.stats["verify_s"] += t2 - t1
-        pipe = self.r.pipeline(transaction=True)
-        k = 0
+        rc = self.cfg.rollout
+        groups, k = [], 0
         for gi, (t, r, group) in enumerate(zip(tickets, rows, outs)):
-            g = build_group(job_id=self.job_id, stage=stage, row=r, samples=group,
-                            verdicts=verdicts[k:k + len(group)], version=version, ticket=t,
-                            step=ticket_step(t, G), worker=self.name,
-                            algo=self.algo, teacher=scores[gi] if scores is not None else None,
-                            truncated=self.cfg.rollout.truncated,
-                            truncated_reward=self.cfg.rollout.truncated_reward)
+            groups.append(build_group(
+                job_id=self.job_id, stage=stage, row=r, samples=group,
+                verdicts=verdicts[k:k + len(group)], version=version, ticket=t,
+                step=ticket_step(t, G), worker=self.name, algo=self.algo,
+                teacher=scores[gi] if scores is not None else None, truncated=rc.truncated,
+                truncated_reward=rc.truncated_reward, max_tokens=rc.max_tokens,
+                overlong_buffer=rc.overlong_buffer, overlong_penalty=rc.overlong_penalty))
             k += len(group)
-            pipe.xadd(self.keys.stream, {b"g": g.SerializeToString()})
-            pipe.hdel(self.keys.inflight(self.name), t)
-            self.stats["tokens"] += sum(len(s.completion_ids) for s in group)
+        return groups
+
+    def _refill(self, stage: str, groups: list[Any], G: int) -> list[Any]:
+        """Dynamic sampling: a group whose rewards are all equal is generated again from a
+        fresh prompt (same ticket), up to rollout.dynamic_sampling_tries times."""
+        tries = self.cfg.rollout.dynamic_sampling_tries
+        for attempt in range(1, tries + 1):
+            redo = [k for k, g in enumerate(groups)
+                    if not any(s.advantage != 0 or len(s.token_advantages) for s in g.samples)]
+            if not redo:
+                break
+            tickets = [groups[k].ticket for k in redo]
+            rows = [self.order[self.fresh_base + t * tries + attempt - 1] for t in tickets]
+            new = self._score(stage, tickets, *self._sample(tickets, G, rows), G)
+            for k, g in zip(redo, new):
+                g.refills = attempt
+                groups[k] = g
+            self.stats["refills"] = self.stats.get("refills", 0) + len(redo)
+        return groups
+
+    def _finish(self, stage: str, tickets: list[int], rows: list[Any], outs: list[Any],
+                version: int, G: int) -> None:
+        """Score the samples, build the groups (refilling uniform ones with dynamic sampling)
+        and write them to the stream, ending their reservations in the same transaction."""
+        t1 = time.monotonic()
+        groups = self._score(stage, tickets, rows, outs, version, G)
+        if self.cfg.rollout.dynamic_sampling:
+            groups = self._refill(stage, groups, G)
+        pipe = self.r.pipeline(transaction=True)
+        for g in groups:
+            self.stream.publish_pipeline(pipe, g)
+            pipe.hdel(self.keys.inflight(self.name), g.ticket)
+            self.stats["tokens"] += sum(len(s.completion_ids) for s in g.samples)
         pipe.execute()  # the groups and the end of their reservations land together
-        self.stats["groups"] += len(tickets)
-        self.stats["samples"] += sum(len(g) for g in outs)
+        self.stats["groups"] += len(groups)
+        self.stats["samples"] += sum(len(g.samples) for g in groups)
         self.stats["finish_s"] += time.monotonic() - t1
 
     # -- evaluation -----------------------------------------------------------------------
@@ -273,15 +316,15 @@ class RolloutWorker:
         """Accuracy on held-out prompts with the newest weights (greedy if temperature 0)."""
         from nebula.config.job import DatasetConfig
         from nebula.prompts import load_prompt_rows
-        from verifier.engine import Item
+        from nebula.clients.verifier import Item
 
         rows = load_prompt_rows(DatasetConfig.model_validate(dataset), self.tokenizer)
         rows = rows[:max_prompts]
         n = 1 if temperature == 0 else samples
         with self._engine_lock:
             version = self.sync_weights()
-            outs = self.engine.generate([r.prompt_ids for r in rows], n, temperature, 1.0,
-                                        self.cfg.rollout.max_tokens, self.cfg.rollout.stop)
+            outs = self.episodes.run(rows, n, temperature, 1.0, self.cfg.rollout.max_tokens,
+                                     self.cfg.rollout.stop)
         items = [Item(r.verifier, s.text, r.reference, r.metadata)
                  for r, group in zip(rows, outs) for s in group]
         verdicts = self.verifier.verify(items)

@@ -46,7 +46,7 @@ def verifier_serve(
 @verifier_app.command("list")
 def verifier_list(address: Annotated[str, typer.Option(help="HOST:PORT")] = "127.0.0.1:50051") -> None:
     """List the verifiers a service runs."""
-    from verifier.client import VerifierClient
+    from nebula.clients.verifier import VerifierClient
 
     with VerifierClient(address) as client:
         for v in client.list_verifiers():
@@ -114,7 +114,7 @@ def verify(
         return
     import grpc
 
-    from verifier.client import VerifierClient
+    from nebula.clients.verifier import VerifierClient
 
     with VerifierClient(address) as client:  # type: ignore[arg-type]
         try:

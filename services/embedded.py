@@ -44,7 +44,7 @@ def embedded_stack(cfg: JobConfig, work_dir: Path) -> Iterator[dict[str, Any]]:
                     os.sched_setaffinity(proc.pid, parse_cores(bind["learner"]))
         teacher_address = cl.teacher_address
         if teacher_address is None and cfg.teacher_names():
-            from teacher.client import teacher_process
+            from nebula.clients.teacher import teacher_process
 
             tcfg = {"port": 0, "metrics_port": None, "host": "127.0.0.1",
                     "teachers": [t.model_dump() for t in cfg.teachers]}

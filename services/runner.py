@@ -119,7 +119,7 @@ class JobRunner:
         names = self.cfg.teacher_names()
         if not names:
             return
-        from teacher.client import TeacherClient, check_compatible
+        from nebula.clients.teacher import TeacherClient, check_compatible
 
         assert address is not None
         with TeacherClient(address) as client:
@@ -238,9 +238,11 @@ class JobRunner:
 
         from nebula.transport.pacing import JobKeys
 
-        ray.get(learner.publish.remote())
+        version = ray.get(learner.publish.remote())
         ray.get([w.pid.remote() for w in rollouts])  # engines up before timing
-        self._evaluate(rollouts, f"before stage {i} ({stage.type})")
+        evals = self.summary["evals"]
+        if not (evals and evals[-1]["version"] == version):  # not measured at these weights
+            self._evaluate(rollouts, f"before stage {i} ({stage.type})")
         keys_id = f"{self.job_id}-{i}" + (f"-from{start}" if start else "")
         keys = JobKeys(keys_id)
         r = redis.Redis.from_url(stack["redis_url"])

@@ -2,6 +2,6 @@
 
 `python -m teacher --config FILE` serves nebula.v1.TeacherService: the log-prob of every
 completion token of student samples under hosted teachers (optionally top-k), dynamically batched
-across concurrent requests and cached. Clients: `teacher.client.TeacherClient`, and
-`teacher.client.check_compatible` to compare a student's tokenizer with a teacher's.
+across concurrent requests and cached. Clients: `nebula.clients.teacher.TeacherClient`, and
+`nebula.clients.teacher.check_compatible` to compare a student's tokenizer with a teacher's.
 """

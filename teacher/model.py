@@ -16,12 +16,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from nebula.clients.teacher import tokenizer_fingerprint  # noqa: F401 - part of the contract
+
 if TYPE_CHECKING:  # pragma: no cover
     from nebula.config.teacher import TeacherModelConfig
 
 # Special tokens that take part in the fingerprint. The pad token does not: it never reaches the
 # teacher (the service pads with its own mask), and students often set pad = eos ad hoc.
-FINGERPRINT_SPECIALS = ("bos", "eos", "unk")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 
@@ -57,18 +58,6 @@ def _frozen(a: np.ndarray) -> np.ndarray:
     a = np.ascontiguousarray(a)
     a.flags.writeable = False
     return a
-
-
-def tokenizer_fingerprint(tokenizer: Any) -> str:
-    """Stable hash of a tokenizer's vocabulary (token -> id, added tokens included) and its
-    bos/eos/unk ids. Two tokenizers with equal fingerprints map every token to the same id."""
-    vocab = tokenizer.get_vocab()
-    items = sorted(((int(i), str(t)) for t, i in vocab.items()))
-    special = {name: getattr(tokenizer, f"{name}_token_id", None) for name in FINGERPRINT_SPECIALS}
-    h = hashlib.sha256()
-    h.update(json.dumps({"vocab": items, "special": special}, ensure_ascii=False,
-                        separators=(",", ":")).encode())
-    return h.hexdigest()[:16]
 
 
 def weights_version(path: str | Path) -> str:

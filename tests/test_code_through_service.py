@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
-from verifier.client import VerifierClient
-from verifier.engine import Item
-from verifier.sandbox import Sandbox
+from nebula.clients.verifier import VerifierClient
+from nebula.clients.verifier import Item
+from nebula.sandbox import Sandbox
 
 ATTACKS = {
     "infinite_loop": ("while True:\n    pass\n", ("time_limit", "wall_timeout")),

@@ -13,7 +13,7 @@ import pytest
 from nebula.config import SandboxConfig, VerifierServiceConfig
 from verifier.api import VerifierInputError, VerifyInput
 from verifier.builtin.code import CodeVerifier, extract_code, humaneval_tests
-from verifier.sandbox import Sandbox
+from nebula.sandbox import Sandbox
 
 SANDBOX = SandboxConfig(wall_timeout_s=10.0, per_test_timeout_s=2.0, memory_mb=512)
 _WHY = Sandbox(SANDBOX).probe()

@@ -72,3 +72,18 @@ def test_missing_and_malformed_files(tmp_path: Path) -> None:
     lst.write_text("- 1\n")
     with pytest.raises(ConfigError, match="must be a mapping"):
         load_file(VerifierServiceConfig, lst)
+
+
+def test_config_and_registries_import_nothing_heavy() -> None:
+    """Entry modules read config before anything heavy: the config tree and the algorithm and
+    environment registries load without torch, transformers, vllm or deepspeed."""
+    import subprocess
+    import sys
+
+    code = ("import sys, nebula.config.job, nebula.algo, nebula.env; "
+            "nebula.algo.algorithms(); nebula.env.environments(); "
+            "print(sorted(m for m in ('torch', 'transformers', 'vllm', 'deepspeed', 'ray') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=ROOT, check=True)
+    assert out.stdout.strip() == "[]"

@@ -67,13 +67,18 @@ def _reference_loss(logp: Any, mask: Any, ref: list[float], loss: str, gamma: fl
     return total / P
 
 
-@pytest.mark.parametrize("loss", ["sigmoid", "ipo", "simpo"])
-def test_loss_and_gradient_match_the_formulas(loss: str) -> None:
+@pytest.mark.parametrize("loss,rpo", [("sigmoid", 0.0), ("ipo", 0.0), ("simpo", 0.0),
+                                      ("sigmoid", 0.7)])
+def test_loss_and_gradient_match_the_formulas(loss: str, rpo: float) -> None:
     logp, batch, ref = _inputs()
-    out, m = DPO(_stage(loss, simpo_gamma=0.4)).loss(_loss_input(logp, batch, 4.0))
+    out, m = DPO(_stage(loss, simpo_gamma=0.4, rpo_alpha=rpo)).loss(
+        _loss_input(logp, batch, 4.0))
     (grad,) = torch.autograd.grad(out, logp)
     x = logp.detach().clone().requires_grad_()
     expected = _reference_loss(x, batch.mask, ref, loss, 0.4)
+    if rpo:  # RPO: + alpha * mean NLL per token of each chosen response, over pairs
+        expected = expected + rpo * sum(-(x[c] * batch.mask[c]).sum() / batch.mask[c].sum()
+                                        for c in range(0, 8, 2)) / 4
     (expected_grad,) = torch.autograd.grad(expected, x)
     assert float(out.detach()) == pytest.approx(float(expected.detach()), abs=1e-5)
     assert torch.allclose(grad, expected_grad, atol=1e-5)

@@ -75,6 +75,27 @@ def test_toy_job_end_to_end_vllm(tmp_path: Path) -> None:
     assert model.generate(ids, max_new_tokens=3, do_sample=False).shape[1] > ids.shape[1]
 
 
+def test_dynamic_sampling_refills_uniform_groups_and_trains_each_ticket_once(
+        tmp_path: Path) -> None:
+    """rollout.dynamic_sampling: after a 2-step SFT most groups of the toy addition task are
+    all wrong (uniform rewards); they are generated again from fresh prompts before they are
+    written (the refills counted in the learner's metrics and the worker's stats), still one
+    group per ticket, each trained once. Soft over-long punishment shapes rewards as well."""
+    from services.runner import JobRunner
+
+    cfg = toy_config(tmp_path, rollout={"engine": "hf", "dynamic_sampling": True,
+                                        "dynamic_sampling_tries": 2, "overlong_buffer": 2},
+                     stages=[{"type": "sft", "steps": 2, "batch_size": 8, "lr": 0.001},
+                             {"type": "grpo", "steps": 3}])
+    summary = JobRunner(cfg, job_id="dyn").run()
+    grpo = summary["stages"][1]
+    (stats,) = grpo["rollout"]
+    rows = [r for r in read_metrics(cfg) if r["stage"] == "grpo1"]
+    assert stats["refills"] > 0 and sum(r["refills"] for r in rows) >= stats["refills"] / 2
+    assert grpo["tickets_trained"] == [[0, 3 * 4]] and grpo["tickets_trained_n"] == 3 * 4
+    assert all(r["uniform_groups"] <= 4 for r in rows)
+
+
 @pytest.mark.parametrize("fault", ["after_generate", "raise_after_generate"])
 def test_failed_rollout_worker_recovers_and_nothing_is_lost(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fault: str) -> None:

@@ -174,7 +174,7 @@ def test_preflight_rejects_unrouted_row_domains(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def teachers(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    from teacher.client import teacher_process
+    from nebula.clients.teacher import teacher_process
 
     root = tmp_path_factory.mktemp("opd-teachers")
     paths = {n: build_toy_model(root / n, ToyModelConfig(**TOY, seed=s))
@@ -216,7 +216,7 @@ def test_scorer_refuses_unknown_teacher_and_mismatched_tokenizer(
     from transformers import AutoTokenizer
 
     from rollout.distill import TeacherScorer
-    from teacher.client import TokenizerMismatchError, UnknownTeacherError
+    from nebula.clients.teacher import TokenizerMismatchError, UnknownTeacherError
 
     tok = AutoTokenizer.from_pretrained(teachers["paths"]["student"])
     with pytest.raises(UnknownTeacherError, match="t-mul"):

@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 
 from procs import ROOT, verifier_server
-from verifier.client import VerifierClient
-from verifier.engine import Item
+from nebula.clients.verifier import VerifierClient
+from nebula.clients.verifier import Item
 
 
 def test_entry_point_plugin_is_served(tmp_path: Path) -> None:
@@ -99,6 +99,7 @@ def test_algorithm_plugin_and_the_chain_run_a_job(tmp_path: Path) -> None:
     held = dpo["held_out"]
     assert held["before"]["pref_pairs"] == held["after"]["pref_pairs"] == 50
     assert 0.0 <= held["after"]["pref_accuracy"] <= 1.0
+    assert 0.0 <= held["after"]["reward_accuracy"] <= 1.0  # gain over the starting policy
     assert dpo["final"]["examples"] == 8.0 and "reward_accuracy" in dpo["final"]
     whens = [e["when"] for e in summary["evals"]]
     assert whens[:2] == ["before stage 1 (dpo)", "after stage 1 (dpo)"]

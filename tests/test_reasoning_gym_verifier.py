@@ -24,8 +24,8 @@ from verifier.builtin.reasoning_gym import (  # noqa: E402
     extract_tag,
     extract_tag_or_last_number,
 )
-from verifier.client import VerifierClient  # noqa: E402
-from verifier.engine import Item  # noqa: E402
+from nebula.clients.verifier import VerifierClient  # noqa: E402
+from nebula.clients.verifier import Item  # noqa: E402
 
 LEGS = {"min_animals": 2, "max_animals": 3, "max_instances": 3}
 MD_FIELDS = ("task", "entry", "task_kwargs")

@@ -14,7 +14,7 @@ import uuid
 import pytest
 
 from nebula.config import SandboxConfig
-from verifier.sandbox import Sandbox, SandboxResult, classify_exception
+from nebula.sandbox import Sandbox, SandboxResult, classify_exception
 
 CFG = SandboxConfig(wall_timeout_s=5.0, cpu_s=10, memory_mb=512, max_processes=32, slots=4)
 _SB = Sandbox(CFG)

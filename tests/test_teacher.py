@@ -29,7 +29,7 @@ from nebula.config.job import ToyModelConfig  # noqa: E402
 from nebula.config.load import ConfigError, load_file, load_model  # noqa: E402
 from nebula.config.teacher import TeacherModelConfig, TeacherServiceConfig  # noqa: E402
 from teacher.cache import LRUCache, cache_key  # noqa: E402
-from teacher.client import (  # noqa: E402
+from nebula.clients.teacher import (  # noqa: E402
     TeacherClient,
     TokenizerMismatchError,
     UnknownTeacherError,

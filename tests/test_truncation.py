@@ -12,7 +12,7 @@ from nebula.prompts import PromptRow
 from rollout.engine import SampleOut
 from nebula.algo.grpo import GRPO, GRPOStage
 from rollout.groups import build_group
-from verifier.engine import ItemResult
+from nebula.clients.verifier import ItemResult
 
 ROW = PromptRow(index=0, prompt_text="q", prompt_ids=[5, 6, 7], reference="a", verifier="exact")
 
@@ -73,3 +73,17 @@ def test_unscored_samples_are_left_out_of_the_loss_and_the_group_statistics() ->
     assert [round(s.advantage, 4) for s in g.samples] == [1.0, 0.0, -1.0]
     assert [list(s.loss_mask) for s in g.samples] == [[1, 1], [0, 0], [1, 1]]
     assert g.samples[1].verify.status == 3  # timeout, kept in the record
+
+
+def test_soft_overlong_punishment() -> None:
+    """DAPO: with max_tokens 4 and a buffer of 2, a 3-token completion loses half the
+    penalty, a 4-token one all of it, a shorter one nothing."""
+    samples = [SampleOut([1, 2], [-0.1] * 2, "a", "stop"),
+               SampleOut([1, 2, 3], [-0.1] * 3, "b", "stop"),
+               SampleOut([1, 2, 3, 4], [-0.1] * 4, "c", "length")]
+    verdicts = [ItemResult(id=str(i), verifier="exact", status="ok", reward=1.0, passed=True)
+                for i in range(3)]
+    g = build_group(job_id="j", stage="grpo0", row=ROW, samples=samples, verdicts=verdicts,
+                    version=0, ticket=0, step=0, worker="w", algo=GRPO(GRPOStage()),
+                    max_tokens=4, overlong_buffer=2, overlong_penalty=0.5)
+    assert [s.reward for s in g.samples] == pytest.approx([1.0, 0.75, 0.5])

@@ -13,8 +13,8 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from nebula.v1 import verifier_pb2 as pb
 from nebula.v1 import verifier_pb2_grpc as pb_grpc
-from verifier.client import VerifierClient
-from verifier.engine import Item
+from nebula.clients.verifier import VerifierClient
+from nebula.clients.verifier import Item
 
 # Catastrophic backtracking: this regex never finishes on this input (a hostile item).
 EVIL_REGEX = {"pattern": r"^(a+)+$"}

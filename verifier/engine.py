@@ -13,13 +13,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from nebula.config import VerifierServiceConfig
+from nebula.clients.verifier import ERROR, OK, TIMEOUT, Item, ItemResult  # noqa: F401
 from verifier import metrics
 from verifier.api import AsyncVerifier, Outcome, VerifierInputError, VerifyInput
 from verifier.pool import DeadlineExceeded, ProcessWorkerPool, TaskError, WorkerCrashed
 from verifier.registry import Registry
 from verifier.worker import init_worker, run_sync_verifier
 
-OK, ERROR, TIMEOUT = "ok", "error", "timeout"
 
 
 class UnknownVerifierError(KeyError):
@@ -36,36 +36,6 @@ class UnknownVerifierError(KeyError):
 
 class BatchTooLargeError(ValueError):
     pass
-
-
-@dataclass
-class Item:
-    verifier: str
-    response: str
-    reference: str = ""
-    metadata: dict[str, Any] | str | None = None  # dict, or JSON text from the wire
-    id: str = ""
-
-
-@dataclass
-class ItemResult:
-    id: str
-    verifier: str
-    status: str
-    reward: float = 0.0
-    passed: bool = False
-    reason: str = ""
-    details: dict[str, Any] = field(default_factory=dict)
-    verifier_version: str = ""
-    elapsed_s: float = 0.0
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "id": self.id, "verifier": self.verifier, "status": self.status,
-            "reward": self.reward, "passed": self.passed, "reason": self.reason,
-            "details": self.details, "verifier_version": self.verifier_version,
-            "elapsed_s": round(self.elapsed_s, 6),
-        }
 
 
 def _metadata(raw: dict[str, Any] | str | None) -> dict[str, Any]:

@@ -10,7 +10,7 @@ import json
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from verifier.engine import ERROR, Item, ItemResult
+from nebula.clients.verifier import ERROR, Item, ItemResult
 
 CHUNK = 256
 

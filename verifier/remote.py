@@ -17,7 +17,7 @@ class RemoteVerifier(AsyncVerifier):
     def __init__(self, local_name: str, remote: RemoteVerifierConfig,
                  config: VerifierServiceConfig | None = None) -> None:
         super().__init__(config)
-        from verifier.client import AsyncVerifierClient  # the channel needs a running loop
+        from nebula.clients.verifier import AsyncVerifierClient  # the channel needs a running loop
 
         self.local_name = local_name
         self.remote = remote

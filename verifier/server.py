@@ -16,7 +16,7 @@ from nebula.v1 import verifier_pb2 as pb
 from nebula.v1 import verifier_pb2_grpc as pb_grpc
 from verifier import metrics
 from verifier.engine import BatchTooLargeError, UnknownVerifierError, VerifierEngine
-from verifier.wire import item_from_pb, result_to_pb
+from nebula.clients.verifier import item_from_pb, result_to_pb
 
 log = logging.getLogger("nebula.verifier")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["VerifierService"].full_name

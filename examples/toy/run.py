@@ -17,7 +17,7 @@ def main() -> int:
     config = sys.argv[1] if len(sys.argv) > 1 else "examples/toy/reversal.yaml"
     from nebula.tasks.synthetic import make_split
 
-    for task in ("addition", "reversal", "reversal_pref"):
+    for task in ("addition", "reversal", "reversal_pref", "tooladd"):
         make_split(task, ROOT / "runs" / "data")
     from services.cli import app
 

@@ -8,7 +8,8 @@ Per pair, with S = summed log-prob of a response under the policy, R = under the
                   as TRL's IPO)
 * simpo (SimPO, no reference): l = -log sigmoid(beta * (S_c/L_c - S_r/L_r) - gamma)
 
-The loss is the mean over the optimizer batch's pairs. Metrics: reward accuracy (chosen's
+With `rpo_alpha` > 0, each pair adds rpo_alpha * (-S_c / L_c) (RPO). The loss is the mean
+over the optimizer batch's pairs. Metrics: reward accuracy (chosen's
 implicit reward above rejected's), mean margin, chosen/rejected rewards and log-probs.
 """
 
@@ -40,6 +41,10 @@ class DPOStage(StageConfig):
         "sigmoid", description="sigmoid = DPO, ipo = IPO, simpo = SimPO (length-normalised, "
         "no reference model).")
     simpo_gamma: float = Field(0.5, ge=0, description="SimPO's target reward margin gamma.")
+    rpo_alpha: float = Field(0.0, ge=0, description="Weight of an NLL term on the chosen "
+                             "responses (per-token mean), added to the loss as in RPO (Pang et "
+                             "al. 2024): keeps DPO from lowering the chosen responses' "
+                             "likelihood along with the rejected ones'. 0: off.")
     eval_dataset: DatasetConfig | None = Field(
         None, description="Held-out preference rows (same fields as `dataset`): the stage "
         "reports how often the policy gives the chosen response the higher log-prob, before "
@@ -67,8 +72,11 @@ class DPO(Algorithm):
                 for r in self._rows(tokenizer)]
 
     def held_out(self, tokenizer: Any, sequence_logprobs: Any) -> dict[str, float]:
-        """Preference accuracy on `eval_dataset`: the share of pairs whose chosen response
-        the policy gives a higher summed log-prob than the rejected one; mean margin."""
+        """On `eval_dataset`: `pref_accuracy`, the share of pairs whose chosen response the
+        policy gives the higher summed log-prob, and its mean margin; after the first call
+        (the stage's start, whose log-probs are the reference's), also DPO's implicit-reward
+        accuracy, the share whose chosen response gained more log-prob than the rejected one
+        (TRL's eval rewards/accuracies)."""
         if self.stage.eval_dataset is None:
             return {}
         from nebula.prompts import load_preference_rows
@@ -79,8 +87,17 @@ class DPO(Algorithm):
         sums = sequence_logprobs([s for r in rows for s in ((r.prompt_ids, r.chosen_ids),
                                                             (r.prompt_ids, r.rejected_ids))])
         margins = [c - r for c, r in zip(sums[0::2], sums[1::2])]
-        return {"pref_accuracy": sum(m > 0 for m in margins) / len(margins),
-                "pref_margin": sum(margins) / len(margins), "pref_pairs": float(len(margins))}
+        out = {"pref_accuracy": sum(m > 0 for m in margins) / len(margins),
+               "pref_margin": sum(m for m in margins) / len(margins),
+               "pref_pairs": float(len(margins))}
+        ref = getattr(self, "_eval_reference", None)
+        if ref is None:
+            self._eval_reference = margins
+        else:
+            gains = [m - r for m, r in zip(margins, ref)]
+            out["reward_accuracy"] = sum(g > 0 for g in gains) / len(gains)
+            out["reward_margin"] = st.beta * sum(gains) / len(gains)
+        return out
 
     def prepare(self, examples: list[Example], sequence_logprobs: Any) -> None:
         if self.stage.loss == "simpo":
@@ -114,6 +131,8 @@ class DPO(Algorithm):
             r = st.beta * (seq - ref)
             h = r[0::2] - r[1::2]
             losses = -F.logsigmoid(h)
+        if st.rpo_alpha > 0:
+            losses = losses - st.rpo_alpha * seq[0::2] / n[0::2]
         loss = losses.sum() / max(inp.num_examples, 1.0)
         with torch.no_grad():
             chosen, rejected = r[0::2].detach(), r[1::2].detach()

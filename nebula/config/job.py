@@ -9,6 +9,7 @@ from pydantic import Field, model_validator
 
 from nebula.algo import algorithm, stage_union
 from nebula.config.data import DatasetConfig
+from nebula.config.env import EnvironmentConfig
 from nebula.config.teacher import TeacherModelConfig
 from nebula.config.verifier import Strict, VerifierServiceConfig
 
@@ -73,6 +74,19 @@ class RolloutConfig(Strict):
         "replaced by `truncated_reward`.")
     truncated_reward: float = Field(0.0, description="Reward of a truncated completion with "
                                     "`truncated: penalty`.")
+    overlong_buffer: int = Field(
+        0, ge=0, description="DAPO's soft over-long punishment: a completion longer than "
+        "max_tokens - overlong_buffer tokens loses overlong_penalty x (its excess / "
+        "overlong_buffer) of reward, rising linearly to the full penalty at max_tokens "
+        "(generated tokens of the whole episode against max_tokens). 0: off.")
+    overlong_penalty: float = Field(1.0, ge=0, description="Reward lost at max_tokens with "
+                                    "`overlong_buffer`.")
+    dynamic_sampling: bool = Field(
+        False, description="DAPO's dynamic sampling: a group whose rewards are all equal (no "
+        "advantage, nothing to learn) is generated again from a fresh prompt before it is "
+        "written, up to `dynamic_sampling_tries` times (the last try is kept either way); "
+        "metrics count the refills.")
+    dynamic_sampling_tries: int = Field(3, gt=0, description="Refills per group at most.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Engine dtype; auto = `model.dtype`. bfloat16 generates ~1.6x "
         "faster than float32 on CPUs with AVX-512 BF16; the learner then corrects the "
@@ -80,6 +94,9 @@ class RolloutConfig(Strict):
     kv_cache_gb: float = Field(1.0, gt=0, description="vLLM CPU KV cache (VLLM_CPU_KVCACHE_SPACE).")
     num_cpus: float = Field(1.0, gt=0, description="CPUs Ray reserves per rollout actor.")
     num_gpus: float = Field(0.0, ge=0, description="GPUs Ray reserves per rollout actor.")
+    environment: EnvironmentConfig = Field(
+        default_factory=EnvironmentConfig, description="What answers the model between its "
+        "turns (tools, ...); default single_turn: one answer, scored by the verifier.")
 
 
 class KLConfig(Strict):
@@ -194,6 +211,9 @@ class JobConfig(Strict):
         if self.checkpoint.dir is None:
             self.checkpoint.dir = f"{self.output_dir}/checkpoints"
         self._check_teachers()
+        from nebula.env import environment_class
+
+        environment_class(self.rollout.environment)  # an unknown name names the field
         if self.learner.weight_sync == "nccl" and (self.rollout.engine != "vllm"
                                                    or self.rollout.num_gpus <= 0):
             raise ValueError("learner.weight_sync: nccl needs rollout.engine vllm on GPUs "

@@ -2,7 +2,8 @@
 
 Rows: {"prompt", "answer", "domain"}; the answer is scored with the `exact` verifier.
 Train and eval sets are disjoint. Tasks `addition_pref` / `reversal_pref` are the same splits
-as preference pairs (+ "chosen": the answer, "rejected": a near miss) for DPO.
+as preference pairs (+ "chosen": the answer, "rejected": a near miss) for DPO. Task `tooladd`
+(5-digit sums) is for the tools environment (examples/toy/tools.yaml).
 """
 
 from __future__ import annotations
@@ -33,23 +34,47 @@ def reversal_rows(n: int = 4000, seed: int = 0, min_len: int = 3, max_len: int =
     return rows
 
 
-def preference_rows(rows: list[dict[str, str]], seed: int = 0) -> list[dict[str, str]]:
-    """Preference pairs from task rows: the right answer is chosen, a near miss rejected (two
-    neighbouring characters swapped, or for a palindrome-ish answer the last one changed), so
-    the pair differs in the few tokens that make the answer right."""
+def tool_addition_rows(n: int = 6000, seed: int = 0, tool_frac: float = 0.2
+                       ) -> list[dict[str, str]]:
+    """5-digit sums, too hard for the toy model to compute itself, for the tools environment.
+    "target" is an SFT demonstration: in `tool_frac` of the rows a calculator call, its
+    answer and the sum copied from it (the whole episode's text), else the sum written
+    directly. GRPO then has to discover that calling the calculator pays."""
     rng = random.Random(seed)
-    out = []
-    for r in rows:
-        ans = r["answer"]
-        wrong = ans
-        if len(set(ans)) > 1:
-            while wrong == ans:
-                i = rng.randrange(len(ans) - 1)
-                wrong = ans[:i] + ans[i + 1] + ans[i] + ans[i + 2:]
+    rows = []
+    for _ in range(n):
+        a, b = rng.randrange(10000, 100000), rng.randrange(10000, 100000)
+        s = str(a + b)
+        demo = (f"<calculator>{a}+{b}</calculator><result>{s}</result>{s}"
+                if rng.random() < tool_frac else s)
+        rows.append({"prompt": f"{a}+{b}=", "answer": s, "target": demo, "domain": "add5"})
+    return rows
+
+
+def near_miss(answer: str, rng: random.Random) -> str:
+    """A wrong answer of the kind a small model makes: two neighbouring characters swapped,
+    one dropped, one doubled, or (for a reversal) the word not reversed at all."""
+    while True:
+        kind = rng.randrange(4)
+        i = rng.randrange(len(answer))
+        if kind == 0 and len(answer) > 1:
+            i = min(i, len(answer) - 2)
+            wrong = answer[:i] + answer[i + 1] + answer[i] + answer[i + 2:]
+        elif kind == 1 and len(answer) > 1:
+            wrong = answer[:i] + answer[i + 1:]
+        elif kind == 2:
+            wrong = answer[:i] + answer[i] + answer[i:]
         else:
-            wrong = ans[:-1] + ("0" if ans[-1] != "0" else "1")
-        out.append({**r, "chosen": ans, "rejected": wrong})
-    return out
+            wrong = answer[::-1]
+        if wrong != answer:
+            return wrong
+
+
+def preference_rows(rows: list[dict[str, str]], seed: int = 0) -> list[dict[str, str]]:
+    """Preference pairs from task rows: the right answer is chosen, a near miss
+    (`near_miss`) rejected."""
+    rng = random.Random(seed)
+    return [{**r, "chosen": r["answer"], "rejected": near_miss(r["answer"], rng)} for r in rows]
 
 
 def write_jsonl(path: Path, rows: list[dict[str, str]]) -> None:
@@ -63,7 +88,8 @@ def make_split(task: str, out_dir: str | Path, eval_size: int = 500, seed: int =
                ) -> tuple[Path, Path]:
     """Write out_dir/{task}_train.jsonl and {task}_eval.jsonl (disjoint); returns their paths."""
     base = task.removesuffix("_pref")
-    rows = addition_rows(seed) if base == "addition" else reversal_rows(seed=seed)
+    rows = {"addition": lambda: addition_rows(seed), "reversal": lambda: reversal_rows(seed=seed),
+            "tooladd": lambda: tool_addition_rows(seed=seed)}[base]()
     if task.endswith("_pref"):  # the same split as `base`, as preference pairs
         rows = preference_rows(rows, seed)
     out = Path(out_dir)

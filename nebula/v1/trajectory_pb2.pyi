@@ -8,7 +8,14 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Sample(_message.Message):
-    __slots__ = ("completion_ids", "behaviour_logprobs", "policy_versions", "loss_mask", "reward", "advantage", "token_advantages", "teacher_logprobs", "teacher", "teacher_version", "verify", "completion_text", "finish_reason", "teacher_top_k", "teacher_top_ids", "teacher_top_logprobs", "truncated")
+    __slots__ = ("completion_ids", "behaviour_logprobs", "policy_versions", "loss_mask", "reward", "advantage", "token_advantages", "teacher_logprobs", "teacher", "teacher_version", "verify", "completion_text", "finish_reason", "teacher_top_k", "teacher_top_ids", "teacher_top_logprobs", "truncated", "turns", "tool_calls", "env_error", "reward_parts")
+    class RewardPartsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     COMPLETION_IDS_FIELD_NUMBER: _ClassVar[int]
     BEHAVIOUR_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     POLICY_VERSIONS_FIELD_NUMBER: _ClassVar[int]
@@ -26,6 +33,10 @@ class Sample(_message.Message):
     TEACHER_TOP_IDS_FIELD_NUMBER: _ClassVar[int]
     TEACHER_TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     TRUNCATED_FIELD_NUMBER: _ClassVar[int]
+    TURNS_FIELD_NUMBER: _ClassVar[int]
+    TOOL_CALLS_FIELD_NUMBER: _ClassVar[int]
+    ENV_ERROR_FIELD_NUMBER: _ClassVar[int]
+    REWARD_PARTS_FIELD_NUMBER: _ClassVar[int]
     completion_ids: _containers.RepeatedScalarFieldContainer[int]
     behaviour_logprobs: _containers.RepeatedScalarFieldContainer[float]
     policy_versions: _containers.RepeatedScalarFieldContainer[int]
@@ -43,10 +54,14 @@ class Sample(_message.Message):
     teacher_top_ids: _containers.RepeatedScalarFieldContainer[int]
     teacher_top_logprobs: _containers.RepeatedScalarFieldContainer[float]
     truncated: bool
-    def __init__(self, completion_ids: _Optional[_Iterable[int]] = ..., behaviour_logprobs: _Optional[_Iterable[float]] = ..., policy_versions: _Optional[_Iterable[int]] = ..., loss_mask: _Optional[_Iterable[int]] = ..., reward: _Optional[float] = ..., advantage: _Optional[float] = ..., token_advantages: _Optional[_Iterable[float]] = ..., teacher_logprobs: _Optional[_Iterable[float]] = ..., teacher: _Optional[str] = ..., teacher_version: _Optional[str] = ..., verify: _Optional[_Union[_verifier_pb2.VerifyResult, _Mapping]] = ..., completion_text: _Optional[str] = ..., finish_reason: _Optional[str] = ..., teacher_top_k: _Optional[int] = ..., teacher_top_ids: _Optional[_Iterable[int]] = ..., teacher_top_logprobs: _Optional[_Iterable[float]] = ..., truncated: _Optional[bool] = ...) -> None: ...
+    turns: int
+    tool_calls: int
+    env_error: str
+    reward_parts: _containers.ScalarMap[str, float]
+    def __init__(self, completion_ids: _Optional[_Iterable[int]] = ..., behaviour_logprobs: _Optional[_Iterable[float]] = ..., policy_versions: _Optional[_Iterable[int]] = ..., loss_mask: _Optional[_Iterable[int]] = ..., reward: _Optional[float] = ..., advantage: _Optional[float] = ..., token_advantages: _Optional[_Iterable[float]] = ..., teacher_logprobs: _Optional[_Iterable[float]] = ..., teacher: _Optional[str] = ..., teacher_version: _Optional[str] = ..., verify: _Optional[_Union[_verifier_pb2.VerifyResult, _Mapping]] = ..., completion_text: _Optional[str] = ..., finish_reason: _Optional[str] = ..., teacher_top_k: _Optional[int] = ..., teacher_top_ids: _Optional[_Iterable[int]] = ..., teacher_top_logprobs: _Optional[_Iterable[float]] = ..., truncated: _Optional[bool] = ..., turns: _Optional[int] = ..., tool_calls: _Optional[int] = ..., env_error: _Optional[str] = ..., reward_parts: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class TrajectoryGroup(_message.Message):
-    __slots__ = ("group_id", "job_id", "stage", "prompt_id", "domain", "prompt_ids", "prompt_text", "reference", "samples", "min_policy_version", "max_policy_version", "rollout_worker", "created_unix", "ticket", "step")
+    __slots__ = ("group_id", "job_id", "stage", "prompt_id", "domain", "prompt_ids", "prompt_text", "reference", "samples", "min_policy_version", "max_policy_version", "rollout_worker", "created_unix", "ticket", "step", "refills")
     GROUP_ID_FIELD_NUMBER: _ClassVar[int]
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     STAGE_FIELD_NUMBER: _ClassVar[int]
@@ -62,6 +77,7 @@ class TrajectoryGroup(_message.Message):
     CREATED_UNIX_FIELD_NUMBER: _ClassVar[int]
     TICKET_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
+    REFILLS_FIELD_NUMBER: _ClassVar[int]
     group_id: str
     job_id: str
     stage: str
@@ -77,4 +93,5 @@ class TrajectoryGroup(_message.Message):
     created_unix: float
     ticket: int
     step: int
-    def __init__(self, group_id: _Optional[str] = ..., job_id: _Optional[str] = ..., stage: _Optional[str] = ..., prompt_id: _Optional[str] = ..., domain: _Optional[str] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., prompt_text: _Optional[str] = ..., reference: _Optional[str] = ..., samples: _Optional[_Iterable[_Union[Sample, _Mapping]]] = ..., min_policy_version: _Optional[int] = ..., max_policy_version: _Optional[int] = ..., rollout_worker: _Optional[str] = ..., created_unix: _Optional[float] = ..., ticket: _Optional[int] = ..., step: _Optional[int] = ...) -> None: ...
+    refills: int
+    def __init__(self, group_id: _Optional[str] = ..., job_id: _Optional[str] = ..., stage: _Optional[str] = ..., prompt_id: _Optional[str] = ..., domain: _Optional[str] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., prompt_text: _Optional[str] = ..., reference: _Optional[str] = ..., samples: _Optional[_Iterable[_Union[Sample, _Mapping]]] = ..., min_policy_version: _Optional[int] = ..., max_policy_version: _Optional[int] = ..., rollout_worker: _Optional[str] = ..., created_unix: _Optional[float] = ..., ticket: _Optional[int] = ..., step: _Optional[int] = ..., refills: _Optional[int] = ...) -> None: ...

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from verifier.api import AsyncVerifier, Outcome, VerifierInputError, VerifyInput
-from verifier.sandbox import Sandbox, SandboxResult
+from nebula.sandbox import Sandbox, SandboxResult
 
 log = logging.getLogger(__name__)
 

@@ -15,8 +15,8 @@ Layers of isolation of `Sandbox.run` (what each one stops):
 `run_unsandboxed` keeps only the rlimits (for `sandbox.allow_unsandboxed` and as the
 baseline when measuring the sandbox's overhead).
 
-Why a run stopped (the limit it hit) is worked out in `sandbox_limits.py`; killing and
-reaping the processes of a run is in `sandbox_procs.py`.
+Why a run stopped (the limit it hit) is worked out in `limits.py`; killing and
+reaping the processes of a run is in `procs.py`.
 """
 
 from __future__ import annotations
@@ -33,12 +33,12 @@ import threading
 import time
 
 from nebula.config import SandboxConfig
-from verifier.sandbox_limits import (  # noqa: F401 - SandboxResult, classify_exception re-exported
+from nebula.sandbox.limits import (  # noqa: F401 - SandboxResult, classify_exception re-exported
     SandboxResult,
     classify,
     classify_exception,
 )
-from verifier.sandbox_procs import (
+from nebula.sandbox.procs import (
     become_subreaper,
     feed,
     kill_group,

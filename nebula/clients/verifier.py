@@ -1,16 +1,85 @@
-"""Python client of the verifier service (sync and asyncio)."""
+"""Client side of the verifier service (`proto/nebula/v1/verifier.proto`): the items and
+results every role uses, their wire conversions, and the sync/async gRPC clients. Roles that
+call the service (rollout, services) import this module, not the `verifier` package."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
 
 from nebula.v1 import verifier_pb2 as pb
 from nebula.v1 import verifier_pb2_grpc as pb_grpc
-from verifier.engine import Item, ItemResult
-from verifier.wire import item_to_pb, result_from_pb
+
+OK, ERROR, TIMEOUT = "ok", "error", "timeout"
+
+
+@dataclass
+class Item:
+    verifier: str
+    response: str
+    reference: str = ""
+    metadata: dict[str, Any] | str | None = None  # dict, or JSON text from the wire
+    id: str = ""
+
+
+@dataclass
+class ItemResult:
+    id: str
+    verifier: str
+    status: str
+    reward: float = 0.0
+    passed: bool = False
+    reason: str = ""
+    details: dict[str, Any] = field(default_factory=dict)
+    verifier_version: str = ""
+    elapsed_s: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id, "verifier": self.verifier, "status": self.status,
+            "reward": self.reward, "passed": self.passed, "reason": self.reason,
+            "details": self.details, "verifier_version": self.verifier_version,
+            "elapsed_s": round(self.elapsed_s, 6),
+        }
+
+
+_STATUS_TO_PB = {OK: pb.VerifyResult.STATUS_OK, ERROR: pb.VerifyResult.STATUS_ERROR,
+                 TIMEOUT: pb.VerifyResult.STATUS_TIMEOUT}
+_STATUS_FROM_PB = {v: k for k, v in _STATUS_TO_PB.items()}
+
+
+def item_to_pb(item: Item) -> pb.VerifyItem:
+    md = item.metadata
+    md_json = md if isinstance(md, str) else json.dumps(md or {})
+    return pb.VerifyItem(verifier=item.verifier, response=item.response,
+                         reference=item.reference or "", metadata_json=md_json, id=item.id)
+
+
+def item_from_pb(m: pb.VerifyItem) -> Item:
+    return Item(verifier=m.verifier, response=m.response, reference=m.reference,
+                metadata=m.metadata_json or None, id=m.id)
+
+
+def result_to_pb(r: ItemResult) -> pb.VerifyResult:
+    return pb.VerifyResult(
+        id=r.id, verifier=r.verifier, status=_STATUS_TO_PB[r.status], reward=r.reward,
+        passed=r.passed, reason=r.reason, details_json=json.dumps(r.details, default=str),
+        verifier_version=r.verifier_version, elapsed_s=r.elapsed_s,
+    )
+
+
+def result_from_pb(m: pb.VerifyResult) -> ItemResult:
+    details: dict[str, Any] = json.loads(m.details_json) if m.details_json else {}
+    return ItemResult(
+        id=m.id, verifier=m.verifier, status=_STATUS_FROM_PB.get(m.status, ERROR),
+        reward=m.reward, passed=m.passed, reason=m.reason, details=details,
+        verifier_version=m.verifier_version, elapsed_s=m.elapsed_s,
+    )
+
 
 _MB = 1 << 20
 

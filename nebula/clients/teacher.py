@@ -6,6 +6,8 @@ given a tokenizer path)."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -122,14 +124,27 @@ class TeacherClient:
         self.close()
 
 
+FINGERPRINT_SPECIALS = ("bos", "eos", "unk")
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """Stable hash of a tokenizer's vocabulary (token -> id, added tokens included) and its
+    bos/eos/unk ids. Two tokenizers with equal fingerprints map every token to the same id."""
+    vocab = tokenizer.get_vocab()
+    items = sorted(((int(i), str(t)) for t, i in vocab.items()))
+    special = {name: getattr(tokenizer, f"{name}_token_id", None) for name in FINGERPRINT_SPECIALS}
+    h = hashlib.sha256()
+    h.update(json.dumps({"vocab": items, "special": special}, ensure_ascii=False,
+                        separators=(",", ":")).encode())
+    return h.hexdigest()[:16]
+
+
 def check_compatible(client: TeacherClient, teacher: str, student_tokenizer: Any) -> dict[str, Any]:
     """Check that `teacher` is hosted and shares the student's tokenizer; returns its info.
 
     `student_tokenizer` is a transformers tokenizer or a checkpoint/tokenizer path. Raises
     UnknownTeacherError or TokenizerMismatchError with a message fit for a job registration error.
     """
-    from teacher.model import tokenizer_fingerprint
-
     if isinstance(student_tokenizer, (str, Path)):
         from transformers import AutoTokenizer
 

@@ -1,0 +1,1 @@
+"""Clients of Nebula's services, shared by the roles that call them."""
