@@ -31,6 +31,7 @@ bench: $(STAMP)
 	$(PY) bench/opd_vs_grpo.py
 	$(PY) bench/memory.py
 	$(PY) bench/real_model.py
+	$(PY) bench/multiturn.py
 
 proto: $(STAMP)
 	$(PY) -m nebula.protogen

@@ -54,7 +54,9 @@ def job_config(name: str) -> dict[str, Any]:
     data = yaml.safe_load((ROOT / "examples/toy/addition.yaml").read_text())
     data["name"] = name
     data.pop("output_dir", None)
-    return data
+    from services.sdk import resolve_paths
+
+    return resolve_paths(data, ROOT)  # the service refuses relative input paths
 
 
 class Server:

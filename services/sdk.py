@@ -66,14 +66,24 @@ class NebulaClient:
 
     def submit(self, config: dict[str, Any] | str | Path, priority: int = 0,
                idempotency_key: str | None = None) -> dict[str, Any]:
-        """Create a job from a config dict or a YAML/JSON file; returns its JobView."""
+        """Create a job from a config dict or a YAML/JSON file; returns its JobView. Relative
+        input paths (model, datasets, teachers, resume_from) are made absolute against this
+        process's working directory first, as `nebula run` would read them."""
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
         if isinstance(config, dict):
-            body, ctype = json.dumps(config).encode(), "application/json"
+            body, ctype = json.dumps(resolve_paths(config)).encode(), "application/json"
         else:
+            from nebula.config.load import ConfigError, parse_text
+
             p = Path(config)
             body = p.read_bytes()
             ctype = "application/json" if p.suffix == ".json" else "application/yaml"
+            try:
+                data = parse_text(body.decode(), "json" if p.suffix == ".json" else None)
+            except (ConfigError, UnicodeDecodeError):
+                data = None  # sent as it is: the service's 422 says what is wrong
+            if isinstance(data, dict):
+                body, ctype = json.dumps(resolve_paths(data)).encode(), "application/json"
         return self._call("POST", "/v1/jobs", content=body, params={"priority": priority},
                           headers={**headers, "Content-Type": ctype})
 
@@ -171,3 +181,18 @@ def _parse_sse(lines: Iterator[str]) -> Iterator[tuple[str, Any, str | None]]:
             data.append(value)
         elif field == "id":
             eid = value
+
+
+def resolve_paths(config: dict[str, Any], base: Path | None = None) -> dict[str, Any]:
+    """`config` with its relative input paths absolute against `base` (default: the working
+    directory). A config that does not validate is sent as it is: the service's 422 names
+    the bad fields."""
+    from nebula.config import ConfigError, load_model
+    from nebula.config.job import JobConfig
+    from nebula.config.paths import resolve_input_paths
+
+    try:
+        cfg = load_model(JobConfig, dict(config), source="job config")
+    except ConfigError:
+        return config
+    return resolve_input_paths(config, cfg, base or Path.cwd())

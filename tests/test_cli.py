@@ -1,4 +1,5 @@
-"""The `nebula` CLI: verify a JSONL file through a server and in-process."""
+"""The `nebula` CLI: verify a JSONL file through a server and in-process; what relative
+paths in a submitted job mean."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from procs import ROOT
 
@@ -62,3 +65,28 @@ def test_usage_errors(tmp_path: Path) -> None:
     assert out.returncode == 2 and "UNAVAILABLE" in out.stderr
     out = run(["verifier", "serve", "--port", "99999"])
     assert out.returncode == 2 and "port" in out.stderr
+
+
+def test_submitted_relative_paths_mean_the_submitters_and_the_api_refuses_them(
+        tmp_path: Path) -> None:
+    """`nebula submit` resolves relative input paths against its working directory (what
+    `nebula run` reads there); the service refuses a relative input path with the field named,
+    and leaves output locations to itself."""
+    from nebula.config import ConfigError
+    from services.jobs.service import validate_job_config
+    from services.sdk import resolve_paths
+
+    raw = {"model": {"path": "ckpt/m"}, "output_dir": "out",
+           "datasets": {"train": [{"path": "data/a.jsonl"}, {"path": "/abs/b.jsonl"}]},
+           "stages": [{"type": "dpo", "dataset": {"path": "pref.jsonl"}}]}
+    with pytest.raises(ConfigError) as e:
+        validate_job_config(raw, "j1", tmp_path)
+    fields = sorted(x["field"] for x in e.value.errors)
+    assert fields == ["datasets.train.0.path", "model.path", "stages.0.dataset.path"]
+    fixed = resolve_paths(raw, tmp_path / "here")
+    assert fixed["model"]["path"] == str(tmp_path / "here/ckpt/m")
+    assert fixed["datasets"]["train"][1]["path"] == "/abs/b.jsonl"
+    assert fixed["stages"][0]["dataset"]["path"] == str(tmp_path / "here/pref.jsonl")
+    assert fixed["output_dir"] == "out" and raw["model"]["path"] == "ckpt/m"
+    stored = validate_job_config(fixed, "j1", tmp_path)
+    assert stored["output_dir"] == str(tmp_path / "out")

@@ -3,7 +3,7 @@
 Rows: {"prompt", "answer", "domain"}; the answer is scored with the `exact` verifier.
 Train and eval sets are disjoint. Tasks `addition_pref` / `reversal_pref` are the same splits
 as preference pairs (+ "chosen": the answer, "rejected": a near miss) for DPO. Task `tooladd`
-(5-digit sums) is for the tools environment (examples/toy/tools.yaml).
+(3-digit sums) is for the tools environment (examples/toy/tools.yaml).
 """
 
 from __future__ import annotations
@@ -34,20 +34,23 @@ def reversal_rows(n: int = 4000, seed: int = 0, min_len: int = 3, max_len: int =
     return rows
 
 
-def tool_addition_rows(n: int = 6000, seed: int = 0, tool_frac: float = 0.2
+def tool_addition_rows(n: int = 6000, seed: int = 0, tool_frac: float = 0.5, digits: int = 3
                        ) -> list[dict[str, str]]:
-    """5-digit sums, too hard for the toy model to compute itself, for the tools environment.
+    """3-digit sums, mostly too hard for the toy model to compute itself, for the tools
+    environment.
     "target" is an SFT demonstration: in `tool_frac` of the rows a calculator call, its
     answer and the sum copied from it (the whole episode's text), else the sum written
     directly. GRPO then has to discover that calling the calculator pays."""
     rng = random.Random(seed)
     rows = []
     for _ in range(n):
-        a, b = rng.randrange(10000, 100000), rng.randrange(10000, 100000)
+        lo, hi = 10 ** (digits - 1), 10 ** digits
+        a, b = rng.randrange(lo, hi), rng.randrange(lo, hi)
         s = str(a + b)
         demo = (f"<calculator>{a}+{b}</calculator><result>{s}</result>{s}"
                 if rng.random() < tool_frac else s)
-        rows.append({"prompt": f"{a}+{b}=", "answer": s, "target": demo, "domain": "add5"})
+        rows.append({"prompt": f"{a}+{b}=", "answer": s, "target": demo,
+                     "domain": f"add{digits}"})
     return rows
 
 

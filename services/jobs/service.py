@@ -54,6 +54,15 @@ def validate_job_config(raw: Any, job_id: str, work_dir: Path) -> dict[str, Any]
         ck_dir = ck_dir if isinstance(ck_dir, str) and ck_dir else "checkpoints"
         data["checkpoint"] = {**ck, "dir": str(Path(data["output_dir"]) / ck_dir)}
     cfg = load_model(JobConfig, data, source="job config")
+    from nebula.config.paths import relative_input_paths
+
+    rel = relative_input_paths(cfg)
+    if rel:  # the service cannot know what they were relative to (nebula/config/paths.py)
+        raise ConfigError(
+            "job config: relative input path(s): " + ", ".join(f"{f}={v!r}" for f, v in rel),
+            [{"field": f, "message": f"relative path {v!r}: give an absolute path (`nebula "
+              "submit` resolves relative paths against its working directory)",
+              "type": "relative_path"} for f, v in rel])
     return cfg.model_dump(mode="json", by_alias=True)
 
 
