@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
+from nebula.env.base import OBSERVATION_VERSION
+
 if TYPE_CHECKING:  # pragma: no cover
     from nebula.v1.trajectory_pb2 import TrajectoryGroup
 
@@ -161,8 +163,8 @@ def _rows_to_batch(rows: Sequence[dict[str, Any]], pad_id: int, device: Any) -> 
         else:
             put(advantages, adv, "token_advantages")
         put(versions, r.get("versions"), "policy_versions", dtype=torch.long)
-        if r.get("versions"):  # version -1: not the policy's token (an observation)
-            has_behaviour[b, cols] &= versions[b, cols] >= 0
+        if r.get("versions"):  # an environment's token (observation): no behaviour log-prob
+            has_behaviour[b, cols] &= versions[b, cols] != OBSERVATION_VERSION
         put(teacher, r.get("teacher"), "teacher_logprobs", has_teacher)
         rk = int(r.get("top_k") or 0)
         if rk:

@@ -9,7 +9,7 @@ calls of some trajectories overlap the generation of others.
 
 Token exactness: a trajectory's ids are the prompt's, then each turn's generated ids as the
 engine produced them and each observation's ids, concatenated; nothing earlier is re-tokenized.
-Observation tokens get loss mask 0, log-prob 0 and policy version -1 (they are not the
+Observation tokens get loss mask 0, log-prob 0 and policy version -2 (they are not the
 policy's). For a chat-template prompt, an observation is the template's rendering of what
 follows the assistant's call: the end of its turn, a `tool` message and the next assistant
 header (the delta between two renderings of a probe conversation); tests/test_episodes.py

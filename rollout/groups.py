@@ -6,6 +6,7 @@ import time
 from collections.abc import Sequence
 
 from nebula.algo import Algorithm
+from nebula.env.base import OBSERVATION_VERSION
 from nebula.prompts import PromptRow
 from nebula.v1 import verifier_pb2
 from nebula.v1.trajectory_pb2 import TrajectoryGroup
@@ -70,7 +71,7 @@ def build_group(*, job_id: str, stage: str, row: PromptRow, samples: list, verdi
         drop = unscored[i] or (cut[i] and truncated == "mask")
         sample = g.samples.add(
             completion_ids=s.completion_ids, behaviour_logprobs=s.logprobs,
-            policy_versions=[version if m else -1 for m in own],
+            policy_versions=[version if m else OBSERVATION_VERSION for m in own],
             loss_mask=[0] * n if drop else own,
             reward=r, advantage=a, token_advantages=token_adv,
             completion_text=getattr(s, "full_text", s.text), finish_reason=s.finish_reason,

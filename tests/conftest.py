@@ -29,6 +29,21 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield srv.url
 
 
+@pytest.fixture
+def one_torch_thread() -> Iterator[None]:
+    """Tiny models: with two OpenMP threads on a shared 2-core machine, thread hand-offs cost
+    ~100x the matmuls (a step 3 s instead of 0.03 s). Modules of tiny-model tests use it for
+    every test (`pytestmark = pytest.mark.usefixtures("one_torch_thread")`)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Tests marked `gpu` need CUDA (NCCL weight sync, CUDA vLLM): skipped on CPU machines."""
     try:

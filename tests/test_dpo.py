@@ -10,11 +10,12 @@ import math
 import random
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
 torch = pytest.importorskip("torch")
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 from nebula.algo.base import Example, LossInput  # noqa: E402
 from nebula.algo.dpo import DPO, DPOStage  # noqa: E402
@@ -133,16 +134,6 @@ def test_whole_group_micro_batches_never_split_a_pair() -> None:
 
 
 # -- the stage on a real engine -----------------------------------------------------------------
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import random
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
@@ -21,16 +21,7 @@ from nebula.v1.trajectory_pb2 import TrajectoryGroup  # noqa: E402
 TINY = ToyModelConfig(hidden_size=64, layers=2, heads=2, intermediate_size=128,
                       max_position=64, seed=0)
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny models: with two OpenMP threads on a shared 2-core machine, thread hand-offs cost
-    ~100x the matmuls (a step 3 s instead of 0.03 s)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 

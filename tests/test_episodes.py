@@ -139,7 +139,13 @@ def test_limits_and_failed_episodes(smol: Any) -> None:
     assert failed.env_error and set(failed.loss_mask) == {0} and failed.advantage == 0.0
     assert [round(s.advantage, 3) for s in g.samples] == [0.707, 0.0, 0.707, -1.414]
     obs = [v for v, m in zip(g.samples[0].policy_versions, g.samples[0].loss_mask) if not m]
-    assert obs and set(obs) == {-1}
+    assert obs and set(obs) == {-2}  # OBSERVATION_VERSION: no behaviour log-prob
+    from learner.batch import collate
+
+    batch = collate([g], pad_id=0)
+    # the learner sees no behaviour log-prob on observation tokens (mismatch, IS weights)
+    assert not (batch.has_behaviour & (batch.policy_versions == -2)).any()
+    assert batch.has_behaviour.sum() > 0
     budget = EpisodeRunner(ScriptedEngine(smol, lambda text, tools: loop), smol,
                            EnvironmentConfig(name="tools", max_total_tokens=20), 2048)
     (group,) = budget.run([row], 1, 1.0, 1.0, 64)

@@ -10,7 +10,7 @@ assert atol 1e-5 (values) / rtol 1e-4 + atol 1e-6 (gradients)."""
 from __future__ import annotations
 
 import random
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
@@ -25,16 +25,7 @@ from nebula.v1.trajectory_pb2 import TrajectoryGroup  # noqa: E402
 
 VOCAB = 61
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny models: with two OpenMP threads on a shared 2-core machine, thread hand-offs cost
-    ~100x the matmuls (a step 3 s instead of 0.03 s)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 

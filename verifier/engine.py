@@ -9,7 +9,6 @@ import asyncio
 import json
 import math
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 from nebula.config import VerifierServiceConfig

@@ -8,7 +8,6 @@ like a built-in one, over the CLI, REST and ConfigMaps alike.
 
 from __future__ import annotations
 
-import logging
 from typing import TYPE_CHECKING, Annotated, Any, Union
 
 from pydantic import Field
@@ -23,7 +22,6 @@ __all__ = ["Algorithm", "Example", "LossInput", "algorithm", "algorithms", "regi
            "stage_union"]
 
 ENTRY_POINT_GROUP = "nebula.algorithms"
-log = logging.getLogger(__name__)
 _REGISTRY: dict[str, type[Algorithm]] = {}
 _loaded = False
 
@@ -51,18 +49,9 @@ def algorithms() -> dict[str, type[Algorithm]]:
 
         for cls in (SFT, DPO, GRPO, OPD, MOPD):
             register(cls)
-        from importlib.metadata import entry_points
+        from nebula.plugins import load_entry_points
 
-        for ep in entry_points(group=ENTRY_POINT_GROUP):
-            cls = ep.load()
-            if not (isinstance(cls, type) and issubclass(cls, Algorithm)):
-                raise TypeError(f"entry point {ep.name} = {ep.value} of {ENTRY_POINT_GROUP} is "
-                                "not an Algorithm subclass")
-            if cls.type_name() != ep.name:
-                raise ValueError(f"entry point {ep.name} = {ep.value}: its stage type is "
-                                 f"{cls.type_name()!r}, not {ep.name!r}")
-            register(cls)
-            log.debug("algorithm plug-in %s from %s", ep.name, ep.value)
+        load_entry_points(ENTRY_POINT_GROUP, Algorithm, register, lambda c: c.type_name())
     return dict(_REGISTRY)
 
 

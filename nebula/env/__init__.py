@@ -34,14 +34,9 @@ def environments() -> dict[str, type[Environment]]:
 
         register(SingleTurn)
         register(ToolEnvironment)
-        from importlib.metadata import entry_points
+        from nebula.plugins import load_entry_points
 
-        for ep in entry_points(group=ENTRY_POINT_GROUP):
-            cls = ep.load()
-            if not (isinstance(cls, type) and issubclass(cls, Environment)):
-                raise TypeError(f"entry point {ep.name} = {ep.value} of {ENTRY_POINT_GROUP} is "
-                                "not an Environment subclass")
-            register(cls)
+        load_entry_points(ENTRY_POINT_GROUP, Environment, register, lambda c: c.name)
     return dict(_REGISTRY)
 
 

@@ -16,6 +16,10 @@ from typing import Any, ClassVar
 from nebula.config.env import EnvironmentConfig
 
 
+# policy_versions value of an observation token in a trajectory record (proto: Sample).
+OBSERVATION_VERSION = -2
+
+
 @dataclass
 class StepResult:
     observation: str | None = None  # what the environment answers; None when done
