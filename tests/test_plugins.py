@@ -66,6 +66,8 @@ from services.runner import JobRunner
 
 tmp = Path(sys.argv[1])
 assert algorithms()["rloo"].__module__ == "nebula_rloo"
+from nebula.env import environments
+assert environments()["second-look"].__module__ == "nebula_rloo"
 train, held = make_split("addition_pref", tmp / "pref", eval_size=50)
 data = toy_job(tmp, sft_steps=8, output_dir=str(tmp / "run"))
 data["stages"] = [
@@ -73,16 +75,20 @@ data["stages"] = [
     {"type": "dpo", "steps": 3, "batch_size": 8, "lr": 0.001, "beta": 0.1,
      "dataset": {"path": str(train), "limit": 64}, "eval_dataset": {"path": str(held)}},
     {"type": "rloo", "steps": 2}]
+# Turns end at a digit (the toy's answers are digits), so episodes take their two turns.
+data["rollout"].update(environment={"name": "second-look", "max_turns": 2},
+                       stop=list("0123456789"))
 summary = JobRunner(load_model(JobConfig, data), job_id="plug").run()
 print("SUMMARY " + json.dumps(summary, default=str))
 """
 
 
 def test_algorithm_plugin_and_the_chain_run_a_job(tmp_path: Path) -> None:
-    """A third-party algorithm (RLOO, tests/data/algo_plugin) installed as an entry point is a
-    stage type like a built-in one: it validates in a job config and trains through the
-    runner, the rollout workers and the learner, after SFT and DPO stages (the Tülu chain's
-    shape), without any change to Nebula's code."""
+    """A third-party algorithm (RLOO) and environment (two turns) from one installed package
+    (tests/data/algo_plugin, entry points) are a stage type and an environment like built-in
+    ones: they validate in a job config and train through the runner, the rollout workers
+    (multi-turn episodes on the real vLLM engine) and the learner, after SFT and DPO stages
+    (the Tülu chain's shape), without any change to Nebula's code."""
     site = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
                     "--no-build-isolation", "--target", str(site),
@@ -104,5 +110,8 @@ def test_algorithm_plugin_and_the_chain_run_a_job(tmp_path: Path) -> None:
     whens = [e["when"] for e in summary["evals"]]
     assert whens[:2] == ["before stage 1 (dpo)", "after stage 1 (dpo)"]
     assert whens[-1] == "after stage 2 (rloo)"
+    metrics = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").open()]
+    rl = [m for m in metrics if m["stage"] == "rloo2"]
+    assert rl and all(m["turns_mean"] > 1.5 for m in rl)  # the environment's second turns
     ckpt = Path(dpo["checkpoint"]).parent
     assert len(json.loads((ckpt / "dpo1-prepared.json").read_text())) == 64  # cached refs
