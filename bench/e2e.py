@@ -45,6 +45,8 @@ def job(tmp: Path, model: Path, staleness: int, steps: int, stages: list | None 
 
 
 def run(cfg: JobConfig, raw: bool) -> dict[str, Any]:
+    """Run the job; its last stage's result and the evals, and with `raw` the bare engine
+    on all the last RL stage's prompts right after it (also used by bench/real_model.py)."""
     from services.runner import JobRunner
 
     runner = JobRunner(cfg, log=lambda s: print("  " + s, flush=True))
@@ -59,8 +61,7 @@ def run(cfg: JobConfig, raw: bool) -> dict[str, Any]:
 
     runner.on_grpo_end = on_end
     summary = runner.run()
-    grpo = summary["stages"][-1]
-    return {"grpo": grpo, **measured}
+    return {"grpo": summary["stages"][-1], "evals": summary["evals"], **measured}
 
 
 def main() -> int:

@@ -29,6 +29,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "examples" / "real"))
+sys.path.insert(0, str(ROOT / "bench"))
 
 
 def job(out: Path, steps: int, staleness: int, engine: str, evaluate: bool) -> Any:
@@ -52,26 +53,15 @@ def job(out: Path, steps: int, staleness: int, engine: str, evaluate: bool) -> A
 
 
 def run(cfg: Any, raw: bool) -> dict[str, Any]:
-    from services.runner import JobRunner
+    from e2e import run as run_job  # bench/e2e.py: the job, and the bare engine after it
 
-    runner = JobRunner(cfg, log=lambda s: print("  " + s, flush=True))
-    measured: dict[str, Any] = {}
-
-    def on_end(i: int, res: dict[str, Any], rollouts: list[Any]) -> None:
-        import ray
-
-        if raw:
-            tickets = list(range(res["tickets_trained_n"]))  # all the stage's prompts
-            measured["raw"] = ray.get(rollouts[0].generate_raw.remote(tickets))
-
-    runner.on_grpo_end = on_end
-    summary = runner.run()
+    res = run_job(cfg, raw)
     rows = [json.loads(x) for x in (Path(cfg.output_dir) / "metrics.jsonl").open()]
     steps = [r for r in rows if "step_time_s" in r and "reward_mean" in r]
     learner_tps = sum(r["tokens"] for r in steps) / sum(r["step_time_s"] for r in steps)
-    w = summary["stages"][-1]["rollout"][0]
-    return {"grpo": summary["stages"][-1], "evals": summary["evals"], "worker": w,
-            "rollout_tps": w["tokens"] / w["busy_s"], "learner_tps": learner_tps, **measured}
+    w = res["grpo"]["rollout"][0]
+    return {**res, "worker": w, "rollout_tps": w["tokens"] / w["busy_s"],
+            "learner_tps": learner_tps}
 
 
 def main() -> int:

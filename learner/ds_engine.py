@@ -26,6 +26,7 @@ import time
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from learner.dist_env import choose_device, setup_distributed_env
+from learner.ds_scoring import EngineScoring
 from learner.ds_weights import EngineWeights
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -41,7 +42,7 @@ log = logging.getLogger(__name__)
 LossFn = Callable[[int, "MicroBatch", "TokenLogProbs"], tuple[Any, dict[str, float]]]
 
 
-class DSLearnerEngine(EngineWeights):
+class DSLearnerEngine(EngineWeights, EngineScoring):
     """A Hugging Face causal LM trained with DeepSpeed (ZeRO stage from the config).
 
     Args:
@@ -181,21 +182,25 @@ class DSLearnerEngine(EngineWeights):
                                   whole_groups)
 
     def _logprobs(self, model: Any, mb: MicroBatch, with_top: bool = False,
-                  with_entropy: bool = False) -> TokenLogProbs:
+                  with_entropy: bool = False, temperature: float | None = None
+                  ) -> TokenLogProbs:
+        """Log-probs of softmax(logits / temperature); default the rollouts' temperature."""
         from learner.logprobs import micro_batch_logprobs
 
-        return micro_batch_logprobs(model, mb, self.temperature, self.cfg.logits_chunk,
+        t = self.temperature if temperature is None else temperature
+        return micro_batch_logprobs(model, mb, t, self.cfg.logits_chunk,
                                     with_top=with_top, with_entropy=with_entropy)
 
-    def _no_grad_logprobs(self, model: Any, mbs: list[MicroBatch],
-                          with_entropy: bool = False) -> list[TokenLogProbs]:
+    def _no_grad_logprobs(self, model: Any, mbs: list[MicroBatch], with_entropy: bool = False,
+                          temperature: float | None = None) -> list[TokenLogProbs]:
         import torch
 
         was_training = model.training
         model.eval()
         try:
             with torch.no_grad():
-                return [self._logprobs(model, mb, with_entropy=with_entropy) for mb in mbs]
+                return [self._logprobs(model, mb, with_entropy=with_entropy,
+                                       temperature=temperature) for mb in mbs]
         finally:
             model.train(was_training)
 
@@ -207,7 +212,8 @@ class DSLearnerEngine(EngineWeights):
         return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
 
     def _optimizer_step(self, mbs: list[MicroBatch], loss_fn: LossFn, with_top: bool = False,
-                        with_entropy: bool = False) -> tuple[list[dict], float | None]:
+                        with_entropy: bool = False, temperature: float | None = None
+                        ) -> tuple[list[dict], float | None]:
         """Forward/backward over the micro-batches (gradients accumulate), then one step.
         `loss_fn` gets each micro-batch's learner log-probs (with the teacher top-k / the
         entropy when asked)."""
@@ -217,7 +223,7 @@ class DSLearnerEngine(EngineWeights):
         metrics = []
         for i, mb in enumerate(mbs):
             eng.set_gradient_accumulation_boundary(i == k - 1)
-            lp = self._logprobs(eng, mb, with_top, with_entropy)
+            lp = self._logprobs(eng, mb, with_top, with_entropy, temperature)
             loss, m = loss_fn(i, mb, lp)
             eng.backward(loss, scale_wrt_gas=False)
             del lp, loss  # the graph of this micro-batch, before the next forward
@@ -323,12 +329,9 @@ class DSLearnerEngine(EngineWeights):
             return loss, m
 
         lr = self.lr
-        saved_t, self.temperature = self.temperature, temperature
-        try:
-            parts, norm = self._optimizer_step(mbs, loss_fn, with_top,
-                                               with_entropy=online and old is None)
-        finally:
-            self.temperature = saved_t
+        parts, norm = self._optimizer_step(mbs, loss_fn, with_top,
+                                           with_entropy=online and old is None,
+                                           temperature=temperature)
         out = self._combine(parts)
         algo.summarise(out)
         dt = time.perf_counter() - t0
@@ -365,43 +368,6 @@ class DSLearnerEngine(EngineWeights):
             raise ValueError("grpo_step needs at least one group")
         return self.step(collate(groups, self.pad_id, self.device), GRPO(GRPOStage()),
                          examples=len(groups))
-
-    def sequence_logprobs(self, sequences: Sequence[tuple[Sequence[int], Sequence[int]]]
-                          ) -> list[float]:
-        """Current policy's summed log-prob (temperature 1) of each (prompt, target)'s target
-        tokens, without gradient (e.g. DPO's reference log-probs)."""
-        from learner.batch import collate_sft
-
-        out = [0.0] * len(sequences)
-        saved, self.temperature = self.temperature, 1.0
-        try:
-            for i in range(0, len(sequences), 256):
-                batch = collate_sft(sequences[i:i + 256], self.pad_id, self.device)
-                for mb in self.micro_batches(batch):
-                    lp = self._no_grad_logprobs(self.engine, [mb])[0].token
-                    sums = (lp * mb.batch.mask).sum(-1).float().cpu().tolist()
-                    for row, b in enumerate(mb.index.tolist()):
-                        out[i + b] = sums[row]
-        finally:
-            self.temperature = saved
-        return out
-
-    # ------------------------------------------------------------------ evaluation
-
-    def logprobs(self, groups: Sequence[TrajectoryGroup]) -> list[list[float]]:
-        """Current-policy log-prob of every completion token, one list per sample (groups in
-        order, their samples in order). A sample with an empty prompt has no log-prob for
-        its first completion token."""
-        from learner.batch import collate
-
-        batch = collate(groups, self.pad_id, self.device)
-        out: list[list[float]] = [[] for _ in range(batch.size)]
-        for mb in self.micro_batches(batch):
-            lp = self._no_grad_logprobs(self.engine, [mb])[0].token.float().cpu()
-            cm = mb.batch.completion_mask.cpu() > 0
-            for row, b in enumerate(mb.index.tolist()):
-                out[b] = lp[row][cm[row]].tolist()
-        return out
 
     # ------------------------------------------------------------------ lifetime
 

@@ -199,7 +199,7 @@ class LearnerWorker:
         step's tickets. Starts at the step the job's pacer holds (0, or the checkpoint's step
         on resume)."""
         from learner.batch import collate
-        from nebula.algo import algorithm
+        from nebula.algo import algorithm, informative
         from nebula.transport.stream import RedisTrajectoryStream
 
         t_stage0 = time.monotonic()
@@ -243,9 +243,8 @@ class LearnerWorker:
             wait_s = time.monotonic() - t_wait
             before = self.engine.version
             t0 = time.monotonic()
-            informative = [g for g in groups if any(s.advantage != 0 or len(s.token_advantages)
-                                                    for s in g.samples)]
-            trained = informative if self.cfg.learner.skip_uniform_groups else groups
+            useful = [g for g in groups if informative(g)]
+            trained = useful if self.cfg.learner.skip_uniform_groups else groups
             if trained:
                 m = self.engine.step(collate(trained, self.engine.pad_id), algo,
                                      examples=len(trained))
@@ -281,7 +280,7 @@ class LearnerWorker:
                 "env_errors": sum(bool(s.env_error) for g in groups for s in g.samples),
                 # dynamic sampling: groups generated again from a fresh prompt
                 "refills": sum(g.refills for g in groups),
-                "uniform_groups": len(groups) - len(informative),
+                "uniform_groups": len(groups) - len(useful),
                 "staleness_max": max(stale), "staleness_mean": sum(stale) / len(stale),
                 "completion_len_mean": tokens / len(lengths),
                 "truncation_rate": sum(s.truncated for g in groups for s in g.samples)

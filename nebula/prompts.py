@@ -98,12 +98,27 @@ def check_template_options(cfg: DatasetConfig, tokenizer: Any, model: str = "the
                                f"{model} does not use this option")
 
 
+def uses_template(raw: Any, tokenizer: Any, cfg: DatasetConfig) -> bool:
+    """Whether a prompt goes through the chat template: chat messages always, plain text
+    with chat_template always, or auto when the tokenizer has one."""
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    return not isinstance(raw, str) or cfg.chat_template == "always" or (
+        cfg.chat_template == "auto" and has_template)
+
+
+def _with_system(messages: list[dict[str, Any]], cfg: DatasetConfig) -> list[dict[str, Any]]:
+    """The messages with the dataset's system prompt first, unless they have one."""
+    if cfg.system_prompt is not None and not any(m.get("role") == "system" for m in messages):
+        return [{"role": "system", "content": cfg.system_prompt}, *messages]
+    return messages
+
+
 def format_prompt(raw: Any, tokenizer: Any, cfg: DatasetConfig, where: str
                   ) -> tuple[str, list[int]]:
     """(text, token ids) of one prompt (see the module doc for the rules)."""
     has_template = bool(getattr(tokenizer, "chat_template", None))
     if isinstance(raw, str):
-        if not (cfg.chat_template == "always" or (cfg.chat_template == "auto" and has_template)):
+        if not uses_template(raw, tokenizer, cfg):
             # vLLM's text-prompt path: the tokenizer's own special tokens (BOS) are added.
             return raw, list(tokenizer(raw, add_special_tokens=True)["input_ids"])
         messages: list[dict[str, Any]] = [{"role": "user", "content": raw}]
@@ -116,8 +131,7 @@ def format_prompt(raw: Any, tokenizer: Any, cfg: DatasetConfig, where: str
         raise DatasetError(f"{where}: field {cfg.prompt_field!r} holds chat messages but the "
                            "tokenizer has no chat template; give plain-text prompts or a model "
                            "with a template")
-    if cfg.system_prompt is not None and not any(m.get("role") == "system" for m in messages):
-        messages.insert(0, {"role": "system", "content": cfg.system_prompt})
+    messages = _with_system(messages, cfg)
     kwargs = dict(cfg.chat_template_kwargs)
     add_gen = bool(kwargs.pop("add_generation_prompt", True))
     text = tokenizer.apply_chat_template(messages, tokenize=False,
@@ -146,17 +160,14 @@ def load_prompt_rows(cfg: DatasetConfig, tokenizer: Any, max_prompt_tokens: int 
                                f"room for {max_prompt_tokens} (model.max_model_len minus "
                                "rollout.max_tokens)")
         ref = row[cfg.reference_field]
-        raw = row[cfg.prompt_field]
-        has_template = bool(getattr(tokenizer, "chat_template", None))
-        templated = not isinstance(raw, str) or cfg.chat_template == "always" or (
-            cfg.chat_template == "auto" and has_template)
         verifier = row.get(cfg.verifier_field) if cfg.verifier_field else None
         domain = row.get(cfg.domain_field) if cfg.domain_field else None
         rows.append(PromptRow(
             index=i, prompt_text=text, prompt_ids=ids,
             reference=ref if isinstance(ref, str) else json.dumps(ref),
             verifier=verifier or cfg.verifier, domain=domain or cfg.domain or "",
-            metadata={k: row.get(k) for k in cfg.metadata_fields}, templated=templated,
+            metadata={k: row.get(k) for k in cfg.metadata_fields},
+            templated=uses_template(row[cfg.prompt_field], tokenizer, cfg),
         ))
     if not rows:
         raise DatasetError(f"{cfg.path}: no rows")
@@ -204,10 +215,8 @@ def _response_ids(raw: Any, prompt_raw: Any, prompt_ids: list[int], tokenizer: A
                                                   for m in raw)):
         raise DatasetError(f"{where}: field {field_name!r} must be a non-empty string or a list "
                            "of chat messages ({role, content})")
-    messages = [{"role": "user", "content": prompt_raw}] if isinstance(prompt_raw, str) \
-        else list(prompt_raw)
-    if cfg.system_prompt is not None and not any(m.get("role") == "system" for m in messages):
-        messages.insert(0, {"role": "system", "content": cfg.system_prompt})
+    messages = _with_system([{"role": "user", "content": prompt_raw}]
+                            if isinstance(prompt_raw, str) else list(prompt_raw), cfg)
     kwargs = {k: v for k, v in cfg.chat_template_kwargs.items() if k != "add_generation_prompt"}
     text = tokenizer.apply_chat_template(messages + list(raw), tokenize=False, **kwargs)
     full = list(tokenizer(text, add_special_tokens=False)["input_ids"])

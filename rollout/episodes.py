@@ -145,20 +145,20 @@ class EpisodeRunner:
 
         async def episode(row: Any, sample: Any) -> Trajectory:
             try:
-                return await self._episode(row, sample, max_tokens, generate)
+                return await self._episode(row, sample, max_tokens, generate, observe)
             finally:
                 live[0] -= 1
                 wake.set()
 
-        self.observe = ObservationTokens(self.tokenizer, bool(rows) and rows[0].templated)
+        observe = ObservationTokens(self.tokenizer, bool(rows) and rows[0].templated)
         loop_task = asyncio.create_task(engine_loop())
         groups = await asyncio.gather(*[asyncio.gather(*[episode(r, s) for s in g])
                                         for r, g in zip(rows, first)])
         await loop_task
         return [list(g) for g in groups]
 
-    async def _episode(self, row: Any, sample: Any, max_tokens: int, generate: Any
-                       ) -> Trajectory:
+    async def _episode(self, row: Any, sample: Any, max_tokens: int, generate: Any,
+                       observe: ObservationTokens) -> Trajectory:
         env = self.env_cls(self.cfg)
         await env.reset(row)
         traj = Trajectory()
@@ -182,7 +182,7 @@ class EpisodeRunner:
                 return traj
             if res.done or res.observation is None:
                 return traj
-            ids, text = self.observe(res.observation)
+            ids, text = observe(res.observation)
             left = budget - len(traj.completion_ids) - len(ids)
             if traj.turns >= self.cfg.max_turns or left <= 0:
                 traj.finish_reason = "length"  # still calling tools when out of turns/tokens

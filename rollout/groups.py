@@ -42,6 +42,9 @@ def build_group(*, job_id: str, stage: str, row: PromptRow, samples: list, verdi
     if truncated not in ("keep", "mask", "penalty"):
         raise ValueError(f"rollout.truncated must be keep, mask or penalty, not {truncated!r}")
     cut = [s.finish_reason == "length" for s in samples]
+    # 1 on the policy's tokens; multi-turn episodes (rollout/episodes.py) mark observation
+    # tokens 0: they are the environment's.
+    own = [getattr(s, "token_mask", None) or [1] * len(s.completion_ids) for s in samples]
     # A verdict of error/timeout is no verdict: its sample is not a wrong answer. An episode
     # the environment failed (an unreadable tool call) is never trained as if valid either.
     failed = [bool(getattr(s, "error", "")) for s in samples]
@@ -51,11 +54,9 @@ def build_group(*, job_id: str, stage: str, row: PromptRow, samples: list, verdi
     if truncated == "penalty":
         rewards = [truncated_reward if c else r for c, r in zip(cut, rewards)]
     if overlong_buffer > 0:  # DAPO's soft over-long punishment on the generated tokens
-        start = max_tokens - overlong_buffer
-        rewards = [r - overlong_penalty * min(1.0, max(0, sum(getattr(smp, "token_mask", None)
-                                                              or [1] * len(smp.completion_ids))
-                                                       - start) / overlong_buffer)
-                   for r, smp in zip(rewards, samples)]
+        excess = [max(0, sum(m) - (max_tokens - overlong_buffer)) for m in own]
+        rewards = [r - overlong_penalty * min(1.0, e / overlong_buffer)
+                   for r, e in zip(rewards, excess)]
     advantages = algo.advantages(rewards, [not u for u in unscored], samples, teacher)
     g = TrajectoryGroup(
         group_id=f"{job_id}:{ticket}", job_id=job_id, stage=stage, prompt_id=row.prompt_id,
@@ -66,13 +67,11 @@ def build_group(*, job_id: str, stage: str, row: PromptRow, samples: list, verdi
     top_k = algo.teacher_top_k
     for i, (s, v, r, (a, token_adv)) in enumerate(zip(samples, verdicts, rewards, advantages)):
         n = len(s.completion_ids)
-        # Multi-turn episodes (rollout/episodes.py): observation tokens are not the policy's.
-        own = getattr(s, "token_mask", None) or [1] * n
         drop = unscored[i] or (cut[i] and truncated == "mask")
         sample = g.samples.add(
             completion_ids=s.completion_ids, behaviour_logprobs=s.logprobs,
-            policy_versions=[version if m else OBSERVATION_VERSION for m in own],
-            loss_mask=[0] * n if drop else own,
+            policy_versions=[version if m else OBSERVATION_VERSION for m in own[i]],
+            loss_mask=[0] * n if drop else own[i],
             reward=r, advantage=a, token_advantages=token_adv,
             completion_text=getattr(s, "full_text", s.text), finish_reason=s.finish_reason,
             truncated=cut[i], turns=getattr(s, "turns", 1), tool_calls=getattr(s, "tool_calls", 0),

@@ -17,7 +17,7 @@ import threading
 import time
 from typing import Any
 
-from nebula.algo import Algorithm, algorithm
+from nebula.algo import Algorithm, algorithm, informative
 from nebula.config.job import JobConfig
 from nebula.faults import maybe_crash, maybe_raise
 from nebula.transport.pacing import JobKeys, StalenessPacer, ticket_step
@@ -278,8 +278,7 @@ class RolloutWorker:
         fresh prompt (same ticket), up to rollout.dynamic_sampling_tries times."""
         tries = self.cfg.rollout.dynamic_sampling_tries
         for attempt in range(1, tries + 1):
-            redo = [k for k, g in enumerate(groups)
-                    if not any(s.advantage != 0 or len(s.token_advantages) for s in g.samples)]
+            redo = [k for k, g in enumerate(groups) if not informative(g)]
             if not redo:
                 break
             tickets = [groups[k].ticket for k in redo]

@@ -18,8 +18,8 @@ from nebula.config.stage import StageConfig
 if TYPE_CHECKING:  # pragma: no cover
     from nebula.config.job import JobConfig
 
-__all__ = ["Algorithm", "Example", "LossInput", "algorithm", "algorithms", "register",
-           "stage_union"]
+__all__ = ["Algorithm", "Example", "LossInput", "algorithm", "algorithms", "informative",
+           "register", "stage_union"]
 
 ENTRY_POINT_GROUP = "nebula.algorithms"
 _REGISTRY: dict[str, type[Algorithm]] = {}
@@ -59,6 +59,13 @@ def stage_union() -> Any:
     """The job config's stage type: the registered stage configs, discriminated by `type`."""
     configs = tuple(cls.Config for cls in algorithms().values())
     return Annotated[Union[configs], Field(discriminator="type")]  # type: ignore[valid-type]
+
+
+def informative(group: Any) -> bool:
+    """Whether a trajectory group carries any advantage to learn from: a group whose rewards
+    are all equal (and no per-token advantages) has none. The learner skips such groups
+    (`learner.skip_uniform_groups`); dynamic sampling regenerates them."""
+    return any(s.advantage != 0 or len(s.token_advantages) for s in group.samples)
 
 
 def algorithm(stage: StageConfig | dict[str, Any], job: JobConfig | None = None) -> Algorithm:

@@ -210,7 +210,7 @@ class JobConfig(Strict):
             self.checkpoint = CheckpointConfig()
         if self.checkpoint.dir is None:
             self.checkpoint.dir = f"{self.output_dir}/checkpoints"
-        self._check_teachers()
+        self._check_stages()
         from nebula.env import environment_class
 
         environment_class(self.rollout.environment)  # an unknown name names the field
@@ -236,7 +236,7 @@ class JobConfig(Strict):
         """Every teacher the stages ask for."""
         return sorted({n for st in self.stages for n in algorithm(st, self).teachers()})
 
-    def _check_teachers(self) -> None:
+    def _check_stages(self) -> None:
         """Teacher names must resolve, and each algorithm's cross-field checks pass (e.g. MOPD
         domains routed), before the job starts (per-row data is checked when the job loads
         it)."""
