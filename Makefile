@@ -32,6 +32,8 @@ bench: $(STAMP)
 	$(PY) bench/memory.py
 	$(PY) bench/real_model.py
 	$(PY) bench/multiturn.py
+	$(PY) bench/data.py
+	$(PY) bench/soak.py
 
 proto: $(STAMP)
 	$(PY) -m nebula.protogen

@@ -66,22 +66,62 @@ class EngineWeights:
         return save(self.full_state_dict(), metadata={"format": "pt",
                                                       "version": str(self.version)})
 
-    def save_checkpoint(self, directory: str | os.PathLike, client_state: dict | None = None
-                        ) -> str:
+    def save_checkpoint(self, directory: str | os.PathLike, client_state: dict | None = None,
+                        manifest: dict | None = None) -> str:
         """DeepSpeed checkpoint (model, optimizer, step, policy version, client_state) under
-        `directory` (tag v<version>, plus DeepSpeed's `latest` file). Returns the tag path."""
+        `directory` (tag v<version>, plus DeepSpeed's `latest` file). Returns the tag path.
+
+        With `manifest` (JSON meta: the job fingerprint, stage, step), the dir gets a
+        `manifest.json` of its files' checksums and that meta once every rank has written
+        (`nebula.checkpoints.write_manifest`); a stale one is removed before the save, so a
+        save that dies half-way leaves a dir without a manifest (an incomplete checkpoint).
+        Collective under ZeRO-3 / several ranks, as DeepSpeed's save is."""
+        directory = Path(directory)
+        if manifest is not None and self.rank == 0:
+            from nebula.checkpoints import MANIFEST
+
+            (directory / MANIFEST).unlink(missing_ok=True)
         tag = f"v{self.version:08d}"
         state = {_VERSION_KEY: self.version, _CLIENT_KEY: dict(client_state or {})}
         self.engine.save_checkpoint(str(directory), tag=tag, client_state=state)
-        return str(Path(directory) / tag)
+        if manifest is not None:
+            if self.world_size > 1:  # every rank's shards are on disk
+                import torch
+
+                torch.distributed.barrier()
+            if self.rank == 0:
+                from nebula.checkpoints import write_manifest
+
+                write_manifest(directory, manifest)
+            if self.world_size > 1:
+                import torch
+
+                torch.distributed.barrier()
+        return str(directory / tag)
 
     def load_checkpoint(self, directory: str | os.PathLike, tag: str | None = None) -> dict:
         """Restore a `save_checkpoint` (latest tag unless given); returns its client_state.
 
+        A dir with a manifest is checked first (every file there, sizes as recorded; checksums
+        are `nebula.checkpoints.verify`'s job before this is called): a missing or truncated
+        file, or a load DeepSpeed or torch fails on, raises CheckpointError naming the dir,
+        not an error from inside DeepSpeed. After such a failure the engine's state is
+        undefined: load another checkpoint, or use a fresh engine.
+
         Under ZeRO-3, load into a fresh engine (DeepSpeed wants an untouched model there)."""
-        path, state = self.engine.load_checkpoint(str(directory), tag=tag,
-                                                  load_optimizer_states=True,
-                                                  load_lr_scheduler_states=True)
+        from nebula.checkpoints import MANIFEST, CheckpointError, verify
+
+        if (Path(directory) / MANIFEST).exists():
+            reason = verify(directory, checksums=False)
+            if reason is not None:
+                raise CheckpointError(f"checkpoint {directory} is unusable: {reason}")
+        try:
+            path, state = self.engine.load_checkpoint(str(directory), tag=tag,
+                                                      load_optimizer_states=True,
+                                                      load_lr_scheduler_states=True)
+        except Exception as e:  # noqa: BLE001 - torch.load / DeepSpeed on a corrupt file
+            raise CheckpointError(f"checkpoint {directory} could not be loaded "
+                                  f"({type(e).__name__}: {e})") from e
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint in {directory}")
         state = state or {}

@@ -3,10 +3,15 @@
 
 from __future__ import annotations
 
+from nebula.transport.redis_client import connect
+
 import json
 import time
 from pathlib import Path
 from typing import Any
+
+
+REDIS_ROWS = 1000  # metrics rows a job keeps in Redis
 
 
 class MetricsSink:
@@ -22,7 +27,7 @@ class MetricsSink:
         if redis_url and redis_key:
             import redis
 
-            self._redis, self._key = redis.Redis.from_url(redis_url), redis_key
+            self._redis, self._key = connect(redis_url), redis_key
         self.latest: dict[str, Any] = {}
 
     def log(self, step: int, stage: str, values: dict[str, Any]) -> None:
@@ -34,8 +39,9 @@ class MetricsSink:
                 self._tb.add_scalar(f"{stage}/{k}", v, step)
         self._tb.flush()
         if self._redis is not None:
+            # Capped: the API serves the recent rows; the whole history is metrics.jsonl.
             self._redis.xadd(self._key, {b"m": json.dumps(row, default=float)},
-                             maxlen=100_000, approximate=True)
+                             maxlen=REDIS_ROWS, approximate=True)
 
     def close(self) -> None:
         self._jsonl.close()

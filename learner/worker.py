@@ -9,14 +9,19 @@ then acknowledges the groups it used.
 
 from __future__ import annotations
 
+from nebula.transport.redis_client import connect
+
 import logging
 import random
+import threading
 import time
+from collections import deque
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 from nebula.config.job import JobConfig
+from nebula.faults import maybe_crash
 from nebula.transport.pacing import JobKeys, StalenessPacer
 
 log = logging.getLogger("nebula.learner")
@@ -48,9 +53,13 @@ def ticket_ranges(tickets: list[int]) -> list[list[int]]:
     return runs
 
 
+class VerifierFailing(RuntimeError):
+    """The verifier failed on more samples than `verifier.max_error_rate` allows."""
+
+
 class LearnerWorker:
     def __init__(self, job: dict[str, Any], job_id: str, redis_url: str | None,
-                 weight_store: Any) -> None:
+                 weight_store: Any, incarnation: int = 0) -> None:
         import os
 
         import redis
@@ -67,8 +76,14 @@ class LearnerWorker:
         from learner.metrics import MetricsSink
 
         self.cfg = JobConfig.model_validate(job)
+        from nebula.checkpoints import job_fingerprint
+
+        self._fingerprint = job_fingerprint(self.cfg)  # what a resume must share with this job
         self.job_id, self.redis_url = job_id, redis_url
-        self.r = redis.Redis.from_url(redis_url) if redis_url else None
+        self.incarnation = incarnation  # 0, then 1, 2, ... for each restart after a death
+        # Fault-drill sites: "learner.<site>", then "learner-r1.<site>" in the first restart...
+        self.fault_name = f"learner-r{incarnation}" if incarnation else "learner"
+        self.r = connect(redis_url) if redis_url else None
         self.store = weight_store
         self.engine = DSLearnerEngine(self.cfg.model.path, self.cfg.learner,
                                       dtype=self.cfg.model.dtype,
@@ -85,6 +100,16 @@ class LearnerWorker:
         self._published_steps = -1
         self._published_ref: Any = None
         self.status: dict[str, Any] = {"stage": "", "step": 0, "total": 0}
+        # Where a restore left the job (stage, step, tickets trained in that stage so far).
+        self.restored: dict[str, Any] = {}
+        # Set by `preempt` (another thread of this actor): the running stage checkpoints its
+        # current step and returns.
+        self._preempt = threading.Event()
+        # Trajectory entries trained since the last checkpoint: acknowledged only once a
+        # checkpoint holds their effect, so a learner that dies replays them from Redis.
+        self._unacked: list[str] = []
+        self._stream: Any = None
+        self.replayed = 0  # groups read again after a restart (trained since a checkpoint)
 
     # -- weights ------------------------------------------------------------------------
 
@@ -173,11 +198,14 @@ class LearnerWorker:
             idx, order = order[:size], order[size:]
             if step < start_step:  # resumed: replay the data order up to the checkpoint
                 continue
+            if self._preempt.is_set():
+                return self._preempted(name, stage_index, step, None)
             self.engine.set_lr(cosine_lr(algo.lr, step, steps))
             t0 = time.monotonic()
             batch = collate_examples([examples[i] for i in idx], self.engine.pad_id)
             m = self.engine.step(batch, algo, examples=len(idx))
             m["step_time_s"] = time.monotonic() - t0
+            maybe_crash(f"{self.fault_name}.after_offline_step")
             self.global_step += 1
             self.metrics.log(self.global_step, name, m)
             self.status = {"stage": name, "step": step + 1, "total": steps, **m}
@@ -196,8 +224,9 @@ class LearnerWorker:
     def run_rl(self, stage_index: int, stage: dict[str, Any], keys_id: str) -> dict[str, Any]:
         """An online stage (grpo, opd, mopd, a plug-in's): the rollout side computed each
         group's advantages; this trains the algorithm's loss on exactly the groups of each
-        step's tickets. Starts at the step the job's pacer holds (0, or the checkpoint's step
-        on resume)."""
+        step's tickets. Starts at the step the job's pacer holds (0, the checkpoint's step on
+        resume, or the restored checkpoint's step after a learner restart: the groups trained
+        since that checkpoint were never acknowledged, so they are read again and replayed)."""
         from learner.batch import collate
         from nebula.algo import algorithm, informative
         from nebula.transport.stream import RedisTrajectoryStream
@@ -207,34 +236,44 @@ class LearnerWorker:
         st = algo.stage
         G = self.cfg.learner.groups_per_step
         keys = JobKeys(keys_id)
-        stream = RedisTrajectoryStream(self.redis_url, keys.stream)
+        stream = self._stream = RedisTrajectoryStream(self.redis_url, keys.stream)
+        self._acked_key = keys.acked_steps
         pacer = StalenessPacer(self.redis_url, keys, self.cfg.async_.max_staleness, G)
         name = f"{st.type}{stage_index}"
         lc = self.cfg.learner
         self.engine.set_lr(lc.lr)
+        start = pacer.steps_done()
         t_pub = time.monotonic()
-        self.publish(steps=pacer.steps_done())  # the stage's starting weights, step-stamped
+        self.publish(steps=start)  # the stage's starting weights, step-stamped
         setup = {"publish_s": time.monotonic() - t_pub, "setup_s": time.monotonic() - t_stage0}
         buffered: dict[int, Any] = {}
         staleness_hist: Counter[int] = Counter()
-        tickets_trained: list[int] = []
+        tickets_trained = self._restored_tickets(stage_index, start)
+        errors: deque[tuple[int, int]] = deque(maxlen=self.cfg.verifier.error_window)
+        unscored: Any = None  # the last sample the verifier could not score
         t_stage = time.monotonic()
         samples_total = 0
         first_group_s: float | None = None
-        for step in range(pacer.steps_done(), st.steps):
+        for step in range(start, st.steps):
             self.status = {"stage": name, "step": step, "total": st.steps}
+            if self._preempt.is_set():
+                return self._preempted(name, stage_index, step, tickets_trained)
             if lc.lr_schedule == "cosine":
                 self.engine.set_lr(cosine_lr(lc.lr, step, st.steps, warmup_frac=0.0))
             want = set(range(step * G, (step + 1) * G))
-            t_wait = time.monotonic()
+            t_wait, waited_log = time.monotonic(), time.monotonic()
             while not want <= buffered.keys():
                 for d in stream.read("learner-0", 4 * G, block_ms=500):
-                    if d.group.ticket in buffered:  # a regenerated duplicate cannot happen,
-                        stream.ack([d.entry_id])  # but never train twice on a ticket
-                        continue
-                    buffered[d.group.ticket] = d
+                    self._take(d, step * G, buffered, stream)
                 if self.r.exists(keys.stop):
                     return {"stage": name, "stopped_at": step}
+                if self._preempt.is_set():
+                    return self._preempted(name, stage_index, step, tickets_trained)
+                if time.monotonic() - waited_log > 60:  # never a silent wait
+                    waited_log = time.monotonic()
+                    log.warning("%s step %d: waiting %.0fs for tickets %s from the rollout "
+                                "workers", name, step, waited_log - t_wait,
+                                sorted(want - buffered.keys())[:8])
             if first_group_s is None:
                 first_group_s = time.monotonic() - t_stage
             deliveries = [buffered.pop(t) for t in sorted(want)]
@@ -252,60 +291,122 @@ class LearnerWorker:
                 m = {"step_applied": 0.0}
             m["groups_trained"] = len(trained)
             step_s = time.monotonic() - t0
+            maybe_crash(f"{self.fault_name}.after_step")
             if (step + 1) % self.cfg.learner.publish_every == 0 or step + 1 == st.steps:
                 self.publish(steps=step + 1)
             publish_s = time.monotonic() - t0 - step_s
             pacer.step_published(step + 1)
-            stream.ack([d.entry_id for d in deliveries])
-            rewards = [s.reward for g in groups for s in g.samples]
-            passed = [s.verify.passed for g in groups for s in g.samples]
+            self._unacked += [d.entry_id for d in deliveries]
+            samples = [s for g in groups for s in g.samples]
+            rewards = [s.reward for s in samples]
             stale = [before - g.min_policy_version for g in groups]
             staleness_hist.update(stale)
-            lengths = [len(s.completion_ids) for g in groups for s in g.samples]
+            lengths = [len(s.completion_ids) for s in samples]
             tokens = sum(lengths)
             samples_total += len(rewards)
             m.update(algo.step_metrics(groups))
-            if any(s.turns > 1 or s.tool_calls for g in groups for s in g.samples):
-                m["turns_mean"] = sum(s.turns for g in groups for s in g.samples) / len(lengths)
-                m["tool_calls_mean"] = sum(s.tool_calls for g in groups
-                                           for s in g.samples) / len(lengths)
+            if any(s.turns > 1 or s.tool_calls for s in samples):
+                m["turns_mean"] = sum(s.turns for s in samples) / len(lengths)
+                m["tool_calls_mean"] = sum(s.tool_calls for s in samples) / len(lengths)
+            bad = [s for s in samples if s.verify.status in (2, 3)]
+            unscored = bad[-1] if bad else unscored
             m.update({
                 "reward_mean": sum(rewards) / len(rewards),
-                "pass_rate": sum(passed) / len(passed),
+                "pass_rate": sum(s.verify.passed for s in samples) / len(samples),
                 # samples the verifier could not score: out of the loss (rollout/groups.py)
-                "verifier_errors": sum(s.verify.status == 2 for g in groups for s in g.samples),
-                "verifier_timeouts": sum(s.verify.status == 3 for g in groups
-                                         for s in g.samples),
+                "verifier_errors": sum(s.verify.status == 2 for s in samples),
+                "verifier_timeouts": sum(s.verify.status == 3 for s in samples),
                 # episodes the environment failed (an unreadable tool call): out of the loss
-                "env_errors": sum(bool(s.env_error) for g in groups for s in g.samples),
+                "env_errors": sum(bool(s.env_error) for s in samples),
                 # dynamic sampling: groups generated again from a fresh prompt
                 "refills": sum(g.refills for g in groups),
                 "uniform_groups": len(groups) - len(useful),
                 "staleness_max": max(stale), "staleness_mean": sum(stale) / len(stale),
                 "completion_len_mean": tokens / len(lengths),
-                "truncation_rate": sum(s.truncated for g in groups for s in g.samples)
-                / len(lengths),
+                "truncation_rate": sum(s.truncated for s in samples) / len(lengths),
                 "tokens": tokens, "tokens_per_s": tokens / max(step_s + wait_s, 1e-9),
                 "step_time_s": step_s, "wait_time_s": wait_s, "publish_time_s": publish_s,
                 "samples_per_s": samples_total / (time.monotonic() - t_stage),
                 "policy_version": self.engine.version, "lr": self.engine.lr,
+                "stream_entries": stream.length(),
             })
             self.global_step += 1
             t_log = time.monotonic()
             self.metrics.log(self.global_step, name, m)
             m["log_time_s"] = time.monotonic() - t_log
             self.status = {"stage": name, "step": step + 1, "total": st.steps, **m}
+            errors.append((len(bad), len(samples)))
+            self._check_error_rate(errors, unscored)
             ck = self.cfg.checkpoint
             if ck and ck.interval and (step + 1) % ck.interval == 0 and step + 1 < st.steps:
                 self.checkpoint(f"{name}-step{step + 1}", stage_index, step + 1, False,
-                                {"stream_last_id": deliveries[-1].entry_id})
-        path = self.checkpoint(f"{name}-end", stage_index, st.steps, True)
+                                self._ticket_state(tickets_trained))
+        path = self.checkpoint(f"{name}-end", stage_index, st.steps, True,
+                               self._ticket_state(tickets_trained))
+        self._stream = None
         return {"stage": name, "steps": st.steps, "final_version": self.engine.version,
                 "checkpoint": path,
                 "staleness_hist": {str(k): v for k, v in sorted(staleness_hist.items())},
                 "samples": samples_total, "wall_s": time.monotonic() - t_stage,
                 "tickets_trained": ticket_ranges(tickets_trained),
-                "tickets_trained_n": len(tickets_trained), "first_batch_s": first_group_s, **setup}
+                "tickets_trained_n": len(tickets_trained), "first_batch_s": first_group_s,
+                "stream_entries_end": stream.length(), "stream_pending_end": stream.pending(),
+                "replayed": self.replayed,
+                **setup}
+
+    def _take(self, d: Any, first_untrained: int, buffered: dict[int, Any], stream: Any
+              ) -> None:
+        """File one delivered entry under its ticket, or drop a copy that must not train:
+        an entry this learner already holds (re-delivered after sitting idle), an entry of a
+        ticket a checkpoint already holds (replayed after a crash between checkpoint and
+        acknowledgement) or a second entry of one ticket (acknowledged, never trained)."""
+        t = d.group.ticket
+        if d.entry_id in self._unacked or (t in buffered and buffered[t].entry_id == d.entry_id):
+            return
+        if t < first_untrained or t in buffered:
+            stream.ack([d.entry_id])
+            return
+        buffered[t] = d
+        self.replayed += d.redelivered
+
+    def _check_error_rate(self, errors: deque[tuple[int, int]], sample: Any) -> None:
+        """Stop the job when the verifier fails on too many samples of the last steps."""
+        if len(errors) < (errors.maxlen or 1):
+            return
+        bad, total = sum(e for e, _ in errors), sum(n for _, n in errors)
+        limit = self.cfg.verifier.max_error_rate
+        if total and bad / total > limit:
+            v = sample.verify
+            kind = {2: "error", 3: "timeout"}.get(v.status, "error")
+            raise VerifierFailing(
+                f"verifier {v.verifier or '?'!r} could not score {bad} of the {total} samples "
+                f"of the last {len(errors)} learner steps ({bad / total:.0%} > "
+                f"verifier.max_error_rate {limit:.0%}); a sample's {kind}: {v.reason[:300]!r}")
+
+    def _ticket_state(self, tickets: list[int]) -> dict[str, Any]:
+        return {"tickets_trained": ticket_ranges(tickets), "tickets_trained_n": len(tickets)}
+
+    def _restored_tickets(self, stage_index: int, start: int) -> list[int]:
+        """Tickets the restored checkpoint's lineage already trained in this stage: the
+        stage's record counts each ticket once across learner restarts and resumes."""
+        st = self.restored
+        if start == 0 or int(st.get("stage_index", -1)) != stage_index \
+                or int(st.get("stage_step", -1)) != start:
+            return []
+        out = [t for a, b in st.get("tickets_trained", []) for t in range(a, b)]
+        extra = int(st.get("tickets_trained_n", len(out))) - len(out)
+        return out + out[:extra]  # a ticket trained twice stays counted twice
+
+    def preempt(self) -> None:
+        """Ask the running stage to checkpoint its current step and return (SIGTERM)."""
+        self._preempt.set()
+
+    def _preempted(self, name: str, stage_index: int, step: int, tickets: list[int] | None
+                   ) -> dict[str, Any]:
+        path = self.checkpoint(f"{name}-step{step}", stage_index, step, False,
+                               self._ticket_state(tickets) if tickets is not None else None)
+        log.warning("%s: preempted at step %d; checkpoint %s", name, step, path)
+        return {"stage": name, "preempted_at": step, "checkpoint": path}
 
     # -- checkpoints --------------------------------------------------------------------
 
@@ -316,22 +417,39 @@ class LearnerWorker:
         ck = self.cfg.checkpoint
         assert ck is not None
         path = Path(ck.dir) / tag
-        self.engine.save_checkpoint(str(path), {
-            **(extra or {}), "stage_index": stage_index, "stage_step": stage_step,
-            "stage_done": stage_done, "global_step": self.global_step,
-            "version": self.engine.version, "tag": tag})
-        kept = sorted((p for p in Path(ck.dir).iterdir() if p.is_dir() and p.name != "export"),
-                      key=lambda p: p.stat().st_mtime)
-        for old in kept[:-ck.keep]:
-            import shutil
+        where = {"stage_index": stage_index, "stage_step": stage_step,
+                 "stage_done": stage_done, "global_step": self.global_step,
+                 "version": self.engine.version, "tag": tag}
+        self.engine.save_checkpoint(str(path), {**(extra or {}), **where},
+                                    manifest={"job": self._fingerprint, **where})
+        if self._stream is not None and self._unacked:
+            # The checkpoint holds these groups' effect now: acknowledge them, and drop from
+            # the stream every entry acknowledged so far (pending ones stay).
+            self._stream.ack(self._unacked)
+            self._unacked = []
+            if not stage_done:  # a finished stage's last groups stay readable (bounded:
+                self._stream.trim()  # one checkpoint interval); mid-stage, drop the trained
+            self.r.set(self._acked_key, stage_step)
+        from nebula.checkpoints import prune
 
-            shutil.rmtree(old, ignore_errors=True)
+        prune(ck.dir, ck.keep, log.warning)
         return str(path)
 
-    def restore(self, path: str) -> dict[str, Any]:
-        """Load a `checkpoint` dir (model, optimizer, version); returns where the job was."""
-        state = self.engine.load_checkpoint(path)
+    def restore(self, path: str | None, in_job: bool = False) -> dict[str, Any]:
+        """Load a `checkpoint` dir (model, optimizer, version); returns where the job was.
+
+        in_job: this learner replaces one that died in the same job. Its policy versions go
+        on above the newest the dead one published, so rollout engines load the restored
+        weights instead of keeping the dead learner's under the same version number."""
+        import ray
+
+        state = self.engine.load_checkpoint(path) if path else {}  # None: the initial model
         self.global_step = int(state.get("global_step", 0))
+        if in_job:
+            published = int(ray.get(self.store.latest.remote())[0])
+            self.engine.version = max(self.engine.version, published + 1)
+            state["version"] = self.engine.version
+        self.restored = state
         return state
 
     def export(self, subdir: str = "export") -> str:
@@ -342,7 +460,9 @@ class LearnerWorker:
         return str(out)
 
     def get_status(self) -> dict[str, Any]:
-        return dict(self.status)
+        import os
+
+        return {**self.status, "pid": os.getpid()}
 
     def close(self) -> None:
         self.metrics.close()

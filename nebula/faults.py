@@ -51,3 +51,16 @@ def maybe_crash(site: str, armed: bool = True) -> None:
 def maybe_raise(site: str, armed: bool = True) -> None:
     if _due(site, armed):
         raise InjectedFault(f"injected fault at {site} ({ENV})")
+
+
+def reached(site: str, value: int) -> bool:
+    """True once, the first time `value` (e.g. a learner step the driver observed) is at
+    least the site's n: for drills keyed to progress rather than to passes."""
+    spec = os.environ.get(ENV)
+    if not spec or site in _passes:
+        return False
+    want = parse(spec).get(site)
+    if want is None or value < want:
+        return False
+    _passes[site] = 1
+    return True

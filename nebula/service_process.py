@@ -4,6 +4,7 @@ the embedded default, tests and benchmarks. Children are stopped by their PID.""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import socket
@@ -15,6 +16,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+log = logging.getLogger(__name__)
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -22,14 +25,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def die_with_parent() -> Callable[[], None] | None:
+def die_with_parent(any_thread: bool = False) -> Callable[[], None] | None:
     """A `preexec_fn` that makes the child get SIGTERM when this process dies, however it dies
     (Linux PR_SET_PDEATHSIG): a driver killed with SIGKILL, or aborting in Ray's exit path,
     leaves no redis-server or verifier behind. None off Linux, and off the main thread (the
     signal fires when the forking *thread* exits, and only the main thread lives as long as
-    the process)."""
-    if not sys.platform.startswith("linux") or threading.current_thread() is not \
-            threading.main_thread():
+    the process) unless `any_thread`: for a thread that outlives the child it starts, such
+    as a `nebula.supervisor.Supervisor`'s."""
+    if not sys.platform.startswith("linux") or (
+            not any_thread and threading.current_thread() is not threading.main_thread()):
         return None
     import ctypes
 
@@ -56,8 +60,11 @@ def wait_healthy(address: str, proc: subprocess.Popen, name: str = "service",
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+    from nebula.supervisor import RECONNECT_OPTIONS
+
+    log.info("waiting up to %.0f s for %s at %s to report SERVING", timeout_s, name, address)
     deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(address) as ch:
+    with grpc.insecure_channel(address, options=RECONNECT_OPTIONS) as ch:
         stub = health_pb2_grpc.HealthStub(ch)
         while time.monotonic() < deadline:
             if proc.poll() is not None:
@@ -83,10 +90,16 @@ def stop_process(proc: subprocess.Popen, timeout_s: float = 15) -> None:
 
 @contextmanager
 def service_process(module: str, work_dir: Path, config: dict[str, Any],
-                    env: dict[str, str] | None = None, timeout_s: float = 120.0
-                    ) -> Iterator[dict[str, Any]]:
-    """`python -m MODULE --config FILE` on loopback; yields address, metrics port, log path
-    and the process. A port of 0/None in `config` is replaced by a free one."""
+                    env: dict[str, str] | None = None, timeout_s: float = 120.0,
+                    supervise: bool | dict[str, Any] = False) -> Iterator[dict[str, Any]]:
+    """`python -m MODULE --config FILE` on loopback; yields address, metrics port, log path,
+    the process and its supervisor. A port of 0/None in `config` is replaced by a free one,
+    chosen here and written into FILE, so a restart binds the same port.
+
+    `supervise` (True, or a dict of `nebula.supervisor.Supervisor` options such as
+    max_restarts, backoff_s, on_start): a `Supervisor` restarts the child with the same
+    command line whenever it dies; "proc" is then the first child and
+    `srv["supervisor"].proc` the current one. The log file collects every run's output."""
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     cfg = {"host": "127.0.0.1", **config}
@@ -96,14 +109,36 @@ def service_process(module: str, work_dir: Path, config: dict[str, Any],
     cfg_path = work_dir / f"{module}-{port}.json"
     cfg_path.write_text(json.dumps(cfg))
     log_path = work_dir / f"{module}-{port}.log"
-    with log_path.open("w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", module, "--config", str(cfg_path)],
-                                env={**os.environ, **(env or {})}, stdout=log,
-                                stderr=subprocess.STDOUT, preexec_fn=die_with_parent())
+    log_path.write_text("")
     address = f"127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", module, "--config", str(cfg_path)]
+    child_env = {**os.environ, **(env or {})}
+
+    def spawn() -> subprocess.Popen:
+        with log_path.open("a") as log:
+            return subprocess.Popen(cmd, env=child_env, stdout=log, stderr=subprocess.STDOUT,
+                                    preexec_fn=die_with_parent(any_thread=bool(supervise)),
+                                    start_new_session=bool(supervise))
+
+    if supervise:
+        from nebula.supervisor import Supervisor
+
+        opts = {"start_timeout_s": timeout_s, **(supervise if isinstance(supervise, dict)
+                                                 else {})}
+        sup = Supervisor(f"{module} service at {address}", spawn,
+                         lambda p: wait_healthy(address, p, f"{module} service", log_path,
+                                                timeout_s), **opts)
+        sup.start()
+        try:
+            yield {"address": address, "metrics_port": cfg.get("metrics_port"), "log": log_path,
+                   "proc": sup.proc, "supervisor": sup}
+        finally:
+            sup.stop()
+        return
+    proc = spawn()
     try:
         wait_healthy(address, proc, f"{module} service", log_path, timeout_s)
         yield {"address": address, "metrics_port": cfg.get("metrics_port"), "log": log_path,
-               "proc": proc}
+               "proc": proc, "supervisor": None}
     finally:
         stop_process(proc)

@@ -11,6 +11,8 @@ never loses or duplicates a finished one.
 
 from __future__ import annotations
 
+from nebula.transport.redis_client import connect
+
 import logging
 import os
 import threading
@@ -52,7 +54,7 @@ class RolloutWorker:
         self.name = f"rollout-{index}"
         self.keys = JobKeys(job_id)  # replaced per stage by run()
         self.redis_url = redis_url
-        self.r = redis.Redis.from_url(redis_url)
+        self.r = connect(redis_url)
         self.store = weight_store
         from transformers import AutoTokenizer
 
@@ -181,15 +183,16 @@ class RolloutWorker:
             while not self.r.exists(self.keys.stop):
                 want = self.cfg.rollout.prompts_per_request
                 t0 = time.monotonic()
+                # the script records the grant in our inflight hash, once even if retried
                 tickets = pacer.reserve(want,
-                                        should_stop=lambda: bool(self.r.exists(self.keys.stop)))
+                                        should_stop=lambda: bool(self.r.exists(self.keys.stop)),
+                                        worker=self.name, limit=total)
                 t1 = time.monotonic()
                 self.stats["pacing_wait_s"] += t1 - t0
                 if not tickets:
                     break
                 mine = [t for t in tickets if t < total]
                 if mine:
-                    self.r.hset(inflight, mapping={t: 1 for t in mine})
                     sampled = self._sample(mine, G)
                     if pending is not None:
                         t2 = time.monotonic()
@@ -311,32 +314,50 @@ class RolloutWorker:
     # -- evaluation -----------------------------------------------------------------------
 
     def evaluate(self, dataset: dict[str, Any], temperature: float, max_prompts: int,
-                 samples: int = 1) -> dict[str, Any]:
-        """Accuracy on held-out prompts with the newest weights (greedy if temperature 0)."""
+                 samples: int = 1, top_p: float = 1.0, shard: tuple[int, int] | None = None,
+                 max_tokens: int | None = None) -> dict[str, Any]:
+        """Accuracy on held-out prompts with the newest weights (greedy if temperature 0, one
+        sample per prompt; else `samples` per prompt), and each prompt's outcome ("details":
+        row index, domain, passed / generated tokens / truncated per sample, verifier errors)
+        for pass@k and the other metrics of `nebula.evaluation`. `shard` (i, w): only the
+        first `max_prompts` rows' i-th of every w (an eval job splits them across workers)."""
         from nebula.config.job import DatasetConfig
         from nebula.prompts import load_prompt_rows
-        from nebula.clients.verifier import Item
+        from nebula.clients.verifier import OK, Item
 
         rows = load_prompt_rows(DatasetConfig.model_validate(dataset), self.tokenizer)
         rows = rows[:max_prompts]
+        if shard is not None:
+            rows = rows[shard[0]::shard[1]]
         n = 1 if temperature == 0 else samples
+        rc = self.cfg.rollout
         with self._engine_lock:
             version = self.sync_weights()
-            outs = self.episodes.run(rows, n, temperature, 1.0, self.cfg.rollout.max_tokens,
-                                     self.cfg.rollout.stop)
+            outs = self.episodes.run(rows, n, temperature, top_p, max_tokens or rc.max_tokens,
+                                     rc.stop) if rows else []
         items = [Item(r.verifier, s.text, r.reference, r.metadata)
                  for r, group in zip(rows, outs) for s in group]
-        verdicts = self.verifier.verify(items)
+        verdicts = self.verifier.verify(items) if items else []
         by_domain: dict[str, list[float]] = {}
+        details: list[dict[str, Any]] = []
         k = 0
         for r, group in zip(rows, outs):
-            for _ in group:
-                by_domain.setdefault(r.domain or "all", []).append(float(verdicts[k].passed))
-                k += 1
+            got = verdicts[k:k + len(group)]
+            k += len(group)
+            domain = r.domain or "all"
+            by_domain.setdefault(domain, []).extend(float(v.passed) for v in got)
+            mask = [getattr(s, "token_mask", None) for s in group]  # episodes: generated only
+            details.append({
+                "index": r.index, "domain": domain, "passed": [bool(v.passed) for v in got],
+                "lengths": [sum(m) if m is not None else len(s.completion_ids)
+                            for s, m in zip(group, mask)],
+                "truncated": [s.finish_reason == "length" for s in group],
+                "errors": sum(v.status != OK for v in got)})
         allv = [x for v in by_domain.values() for x in v]
-        return {"version": version, "temperature": temperature, "prompts": len(rows),
-                "accuracy": sum(allv) / len(allv),
-                "by_domain": {d: sum(v) / len(v) for d, v in by_domain.items()}}
+        return {"version": version, "temperature": temperature, "samples": n,
+                "prompts": len(rows), "accuracy": sum(allv) / len(allv) if allv else None,
+                "by_domain": {d: sum(v) / len(v) for d, v in by_domain.items()},
+                "details": details}
 
     def generate_raw(self, tickets: list[int]) -> dict[str, float]:
         """Benchmark hook: the bare engine on the prompts of `tickets`, in requests of the

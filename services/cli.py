@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+
+from services.cli_data import data_app
 
 app = typer.Typer(help="Nebula RL: post-training jobs (SFT, GRPO, OPD, MOPD) as a service.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
@@ -17,6 +20,7 @@ teacher_app = typer.Typer(help="The teacher-logprob service (OPD/MOPD).", no_arg
 app.add_typer(teacher_app, name="teacher")
 model_app = typer.Typer(help="Model checkpoints (GGUF import).", no_args_is_help=True)
 app.add_typer(model_app, name="model")
+app.add_typer(data_app, name="data")
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -48,7 +52,7 @@ def verifier_list(address: Annotated[str, typer.Option(help="HOST:PORT")] = "127
     """List the verifiers a service runs."""
     from nebula.clients.verifier import VerifierClient
 
-    with VerifierClient(address) as client:
+    with VerifierClient(address, retry_s=5) as client:
         for v in client.list_verifiers():
             typer.echo(json.dumps(v))
 
@@ -116,7 +120,7 @@ def verify(
 
     from nebula.clients.verifier import VerifierClient
 
-    with VerifierClient(address) as client:  # type: ignore[arg-type]
+    with VerifierClient(address, retry_s=5) as client:  # type: ignore[arg-type]
         try:
             known = {v["name"] for v in client.list_verifiers()}
             for res in verify_lines(lines, known, lambda items: client.verify(items, timeout)):
@@ -174,9 +178,44 @@ def run(
         _fail(str(e))
     from services.progress import run_with_progress
 
-    summary = run_with_progress(cfg, job_id)
+    try:
+        summary = run_with_progress(cfg, job_id)
+    except (SystemExit, KeyboardInterrupt) as e:  # SIGTERM (Ray's handler) or Ctrl-C
+        # The runner has checkpointed the current step and stopped its workers and services;
+        # exit as a terminated process does, without Ray's atexit hooks aborting on the way.
+        typer.echo(f"job stopped ({type(e).__name__}); `resume_from` its newest checkpoint "
+                   f"under {cfg.checkpoint.dir if cfg.checkpoint else cfg.output_dir} to go on",
+                   err=True)
+        sys.stderr.flush()
+        os._exit(143 if isinstance(e, SystemExit) else 130)
     typer.echo(json.dumps({"job_id": summary["job_id"], "evals": summary["evals"],
                            "export": summary.get("export"), "wall_s": round(summary["wall_s"], 1)}))
+
+
+@app.command("eval")
+def eval_(
+    config: Annotated[Path, typer.Argument(help="eval config (YAML or JSON, `kind: eval`)")],
+    job_id: Annotated[Optional[str], typer.Option(help="job id (default: name + random)")] = None,
+) -> None:
+    """Evaluate a model on eval sets: pass@k, mean@n, greedy accuracy, lengths, truncation
+    (results under its output_dir: eval_results.json, eval_results.md, TensorBoard)."""
+    from nebula.config import ConfigError, load_file
+    from nebula.evaluation import EvalJobConfig
+
+    try:
+        cfg = load_file(EvalJobConfig, config)
+    except ConfigError as e:
+        _fail(str(e))
+    from nebula.prompts import DatasetError
+    from services.evaluate import EvalInputError, EvalRunner
+
+    try:
+        summary = EvalRunner(cfg, job_id, log=lambda s: typer.echo(s, err=True)).run()
+    except (EvalInputError, DatasetError) as e:
+        _fail(str(e))
+    typer.echo(json.dumps({"job_id": summary["job_id"], "results": summary["results"],
+                           "metrics": summary["metrics"]["all"],
+                           "wall_s": round(summary["wall_s"], 1)}))
 
 
 # -- the REST job service and its client -------------------------------------------------

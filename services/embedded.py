@@ -26,29 +26,39 @@ def embedded_stack(cfg: JobConfig, work_dir: Path) -> Iterator[dict[str, Any]]:
     from verifier.launch import verifier_process
 
     cl = cfg.cluster
+    bind = cpu_binding(cfg)
+
+    def host_cores(proc: Any) -> None:
+        # host-side services off the rollout engines' cores (see cpu_binding); again after
+        # each restart
+        if bind:
+            os.sched_setaffinity(proc.pid, parse_cores(bind["learner"]))
+
+    # Each service the embedded default owns is supervised: restarted on the same address
+    # when it dies (its clients retry meanwhile). The job Redis keeps an AOF fsynced on every
+    # write, so a restarted one has every acknowledged and pending group.
     with contextlib.ExitStack() as stack:
         redis_url, redis, verifier = cl.redis_url, None, None
         if redis_url is None:
-            redis = stack.enter_context(EmbeddedRedis(work_dir / "redis"))
+            redis = stack.enter_context(EmbeddedRedis(
+                work_dir / "redis", persist=True, fsync="always", fresh=True,
+                supervise={"on_start": host_cores}))
             redis_url = redis.url
         verifier_address = cl.verifier_address
         if verifier_address is None:
             vcfg = cl.verifier.model_dump()
             vcfg.update(port=0, metrics_port=None, host="127.0.0.1")
-            verifier = stack.enter_context(verifier_process(work_dir / "verifier", vcfg))
+            verifier = stack.enter_context(verifier_process(
+                work_dir / "verifier", vcfg, supervise={"on_start": host_cores}))
             verifier_address = verifier["address"]
-        bind = cpu_binding(cfg)
-        if bind:  # host-side services off the rollout engines' cores (see cpu_binding)
-            for proc in (getattr(redis, "proc", None), verifier and verifier["proc"]):
-                if proc is not None:
-                    os.sched_setaffinity(proc.pid, parse_cores(bind["learner"]))
         teacher_address = cl.teacher_address
         if teacher_address is None and cfg.teacher_names():
             from nebula.clients.teacher import teacher_process
 
             tcfg = {"port": 0, "metrics_port": None, "host": "127.0.0.1",
                     "teachers": [t.model_dump() for t in cfg.teachers]}
-            srv = stack.enter_context(teacher_process(work_dir / "teacher", tcfg))
+            srv = stack.enter_context(teacher_process(work_dir / "teacher", tcfg,
+                                                      supervise=True))
             teacher_address = srv["address"]
         if not ray.is_initialized():
             # ray.init replaces the driver's SIGTERM handler with sys.exit: a caller that set

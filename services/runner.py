@@ -11,14 +11,18 @@ with `resume_from` restores that checkpoint and goes on from the stage and step 
 
 from __future__ import annotations
 
+from nebula.transport.redis_client import connect
+
 import json
 import os
+import signal
 import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from nebula import faults
 from nebula.algo import algorithm
 from nebula.config.job import JobConfig
 
@@ -57,6 +61,7 @@ class JobRunner:
         self.log = log
         self.out = Path(cfg.output_dir)
         self.summary: dict[str, Any] = {"job_id": self.job_id, "stages": [], "evals": []}
+        self.resume_path: str | None = None  # the intact checkpoint `resume_from` names
         # Called after each RL stage with (stage index, result, rollout actors); benchmarks
         # use it to measure the bare engines in the same run.
         self.on_grpo_end: Callable[[int, dict[str, Any], list[Any]], None] | None = None
@@ -113,6 +118,10 @@ class JobRunner:
         domains = sorted({r.domain for r in train})
         for i, st in enumerate(cfg.stages):
             algorithm(st, cfg).preflight(f"stages.{i}", tok, ctx, domains)
+        if cfg.resume_from:  # intact, and of this job: else refused here, naming the fields
+            from nebula.checkpoints import resolve_resume
+
+            self.resume_path = str(resolve_resume(cfg.resume_from, self.log, cfg))
 
     def _check_teachers(self, address: str | None) -> None:
         """Every teacher the stages name is hosted and shares the student's tokenizer."""
@@ -146,11 +155,13 @@ class JobRunner:
         from learner.dist_env import MALLOC_ENV
 
         store = ray.remote(WeightStore).options(num_cpus=0).remote()
-        learner = ray.remote(LearnerWorker).options(
-            num_cpus=1, max_concurrency=4, name=f"{self.job_id}-learner",
+        self._learner_args = (job, self.job_id, stack["redis_url"], store)
+        self._learner_options = dict(
+            num_cpus=1, max_concurrency=4,
             runtime_env=_env({**MALLOC_ENV, **({"NEBULA_CPU_BIND": bind["learner"]}
-                                              if bind else {})}),
-        ).remote(job, self.job_id, stack["redis_url"], store)
+                                              if bind else {})}))
+        learner = ray.remote(LearnerWorker).options(
+            name=f"{self.job_id}-learner", **self._learner_options).remote(*self._learner_args)
         rollouts = [ray.remote(RolloutWorker).options(
             num_cpus=rc.num_cpus, num_gpus=rc.num_gpus, max_concurrency=4,
             max_restarts=3, max_task_retries=3, name=f"{self.job_id}-rollout-{i}",
@@ -159,10 +170,90 @@ class JobRunner:
         ).remote(job, self.job_id, i, stack["redis_url"], stack["verifier_address"], store,
                  stack.get("teacher_address"))
             for i in range(rc.workers)]
+        self.learner, self.rollouts = learner, rollouts
         if self.cfg.weight_sync_mode() == "nccl":
             ray.get(learner.attach_rollouts.remote(rollouts))
             self.log("weight sync: NCCL broadcast from the learner into each engine")
         return store, learner, rollouts
+
+    # -- recovery ----------------------------------------------------------------------------
+
+    def _learner_dead(self) -> bool:
+        import ray
+
+        try:
+            ray.get(self.learner.get_status.remote(), timeout=60)
+            return False
+        except ray.exceptions.RayActorError:
+            return True
+
+    def _restart_learner(self, err: BaseException, stage: int) -> dict[str, Any]:
+        """A dead learner: a new one (after `recovery.backoff_s`, doubled each time) restored
+        from the newest intact checkpoint; returns where that checkpoint left the job. A job
+        past `recovery.max_restarts` fails with the cause of every restart."""
+        import ray
+
+        from learner.worker import LearnerWorker
+        from nebula.checkpoints import newest_valid
+
+        rc = self.cfg.recovery
+        cause = f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"
+        restarts = self.summary.setdefault("learner_restarts", [])
+        restarts.append({"stage": stage, "cause": cause, "time": time.time()})
+        if len(restarts) > rc.max_restarts:
+            causes = "; ".join(f"#{k + 1} in stage {r['stage']}: {r['cause']}"
+                               for k, r in enumerate(restarts))
+            raise RuntimeError(f"the learner died {len(restarts)} times, more than "
+                               f"recovery.max_restarts {rc.max_restarts}: {causes}") from err
+        wait = rc.backoff_s * 2 ** (len(restarts) - 1)
+        self.log(f"learner died in stage {stage} ({cause}); restart {len(restarts)} of "
+                 f"{rc.max_restarts} in {wait:.0f}s from the newest checkpoint")
+        try:
+            ray.kill(self.learner)
+        except Exception:  # noqa: BLE001 - it is dead already
+            pass
+        time.sleep(wait)
+        assert self.cfg.checkpoint is not None and self.cfg.checkpoint.dir is not None
+        ckpt = newest_valid(self.cfg.checkpoint.dir, log=self.log)
+        path = str(ckpt) if ckpt else self.resume_path
+        self.learner = ray.remote(LearnerWorker).options(
+            name=f"{self.job_id}-learner-r{len(restarts)}", **self._learner_options
+        ).remote(*self._learner_args, incarnation=len(restarts))
+        state = ray.get(self.learner.restore.remote(path, True))
+        if self.cfg.weight_sync_mode() == "nccl":
+            ray.get(self.learner.attach_rollouts.remote(self.rollouts))
+        restarts[-1].update(checkpoint=path, version=state.get("version"))
+        where = (int(state.get("stage_index", 0)), int(state.get("stage_step", 0)))
+        if state.get("stage_done"):
+            where = (where[0] + 1, 0)
+        if path is None:
+            where = (0, 0)
+        restarts[-1].update(resume_stage=where[0], resume_step=where[1])
+        self.log(f"learner restarted from {path or 'the initial model'}: stage {where[0]}, "
+                 f"step {where[1]}, policy v{state.get('version')}")
+        return {"stage": where[0], "step": where[1], "path": path}
+
+    def _preempt(self, why: BaseException) -> None:
+        """SIGTERM (a cancel, an eviction): the learner checkpoints the step it is at, within
+        `recovery.preemption_grace_s`, so a resume loses nothing."""
+        import ray
+
+        ref = getattr(self, "_stage_ref", None)
+        if ref is None:
+            return
+        self.log(f"preempted ({type(why).__name__}); checkpointing the current step")
+        try:
+            self.learner.preempt.remote()
+            ready, _ = ray.wait([ref], timeout=self.cfg.recovery.preemption_grace_s)
+            if ready:
+                res = ray.get(ready[0])
+                self.summary["preempted"] = res
+                self.log(f"checkpoint {res.get('checkpoint')} written; `nebula resume` goes on "
+                         "from it")
+            else:
+                self.log("no checkpoint within recovery.preemption_grace_s")
+        except Exception as e:  # noqa: BLE001 - a preemption must still end the job
+            self.log(f"preemption checkpoint failed: {e}")
 
     def _poll(self, learner: Any, extra: Callable[[dict[str, Any]], None] | None = None
               ) -> Callable[[], None]:
@@ -177,6 +268,8 @@ class JobRunner:
                 self.progress(status)
             if extra:
                 extra(status)
+            if faults.reached("driver.sigterm_at_step", int(status.get("step") or 0)):
+                os.kill(os.getpid(), signal.SIGTERM)  # a preemption drill, at a known step
         return poll
 
     # -- evaluation --------------------------------------------------------------------------
@@ -185,24 +278,43 @@ class JobRunner:
         ev = self.cfg.datasets.eval
         if ev is None:
             return None
-        d, m = ev.model_dump(), self.cfg.eval.max_prompts
+        d, m, e = ev.model_dump(), self.cfg.eval.max_prompts, self.cfg.eval
         return [rollouts[0].evaluate.remote(d, 0.0, m),
-                rollouts[-1].evaluate.remote(d, self.cfg.eval.sampled_temperature, m, 4)]
+                rollouts[-1].evaluate.remote(d, e.sampled_temperature, m, e.samples)]
 
     def _eval_record(self, results: list[dict[str, Any]], when: str, **extra: Any) -> None:
+        """One eval row: greedy and sampled accuracy (overall and by domain) as before, plus
+        the metrics of `nebula eval` (nebula.evaluation: pass@k for `eval.k`, mean@n,
+        completion lengths, truncation and their per-domain breakdown), also written as
+        TensorBoard scalars (eval/..., step = policy version)."""
+        from nebula.evaluation import evaluation_metrics, flat_scalars
+
         greedy, sampled = results
+        metrics = evaluation_metrics(sampled.get("details"), greedy.get("details"),
+                                     self.cfg.eval.k)
+        allm = {k: v for k, v in metrics["all"].items() if k not in ("prompts", "greedy")}
         row = {"when": when, "version": greedy["version"], "greedy": greedy["accuracy"],
                "sampled": sampled["accuracy"], "greedy_by_domain": greedy["by_domain"],
-               "sampled_by_domain": sampled["by_domain"], **extra}
+               "sampled_by_domain": sampled["by_domain"], "prompts": greedy["prompts"],
+               **allm, "by_domain": metrics["by_domain"], **extra}
         self.summary["evals"].append(row)
+        try:
+            from services.evaluate import write_scalars
+
+            write_scalars(self.out / "tensorboard", flat_scalars(metrics), greedy["version"])
+        except Exception as e:  # noqa: BLE001 - TensorBoard is a view; the row is recorded
+            self.log(f"eval scalars not written to TensorBoard: {e}")
         by = ""
         if len(greedy["by_domain"]) > 1:
             by = "; by domain " + ", ".join(
                 f"{d}: {g:.1%}/{sampled['by_domain'].get(d, 0):.1%}"
                 for d, g in sorted(greedy["by_domain"].items()))
+        ks = ", ".join(f"pass@{k} {row[f'pass@{k}']:.1%}" for k in self.cfg.eval.k
+                       if row.get(f"pass@{k}") is not None)
         self.log(f"eval {when} (policy v{greedy['version']}): greedy accuracy "
-                 f"{greedy['accuracy']:.1%}, sampled (T={self.cfg.eval.sampled_temperature}) "
-                 f"{sampled['accuracy']:.1%} on {greedy['prompts']} held-out prompts{by}")
+                 f"{greedy['accuracy']:.1%}, sampled (T={self.cfg.eval.sampled_temperature}, "
+                 f"n={self.cfg.eval.samples}) {sampled['accuracy']:.1%}"
+                 + (f", {ks}" if ks else "") + f" on {greedy['prompts']} held-out prompts{by}")
 
     def _evaluate(self, rollouts: list[Any], when: str) -> None:
         import ray
@@ -221,46 +333,92 @@ class JobRunner:
 
         if not self.cfg.resume_from:
             return 0, 0
-        state = ray.get(learner.restore.remote(self.cfg.resume_from))
+        state = ray.get(learner.restore.remote(self.resume_path))
         stage, step = int(state.get("stage_index", 0)), int(state.get("stage_step", 0))
         if state.get("stage_done"):
             stage, step = stage + 1, 0
-        self.summary["resumed_from"] = {"path": self.cfg.resume_from, "stage": stage,
-                                        "step": step, "version": state.get("version")}
-        self.log(f"resumed from {self.cfg.resume_from}: stage {stage}, step {step}, "
+        self.summary["resumed_from"] = {"path": self.resume_path, "stage": stage, "step": step,
+                                        "requested": self.cfg.resume_from,
+                                        "version": state.get("version")}
+        self.log(f"resumed from {self.resume_path}: stage {stage}, step {step}, "
                  f"policy v{state.get('version')}")
         return stage, step
 
+    def _run_stage(self, i: int, stage: Any, s0: int, stack: dict[str, Any],
+                   rollouts: list[Any], replay: bool) -> dict[str, Any]:
+        """Stage i from learner step s0; replay: the learner was restarted in it (no 'before'
+        evaluation again; an RL stage reads its stream again)."""
+        import ray
+
+        algo = algorithm(stage, self.cfg)
+        if algo.online:
+            return self._run_rl(i, stage, s0, stack, self.learner, rollouts, replay)
+        measured = algo.measured and self.cfg.datasets.eval is not None
+        if measured and not replay:
+            ray.get(self.learner.publish.remote())
+            self._evaluate(rollouts, f"before stage {i} ({stage.type})")
+        self.log(f"stage {i}: {stage.type}, {stage.steps} steps"
+                 + (f" from step {s0}" if s0 else ""))
+        res = self._wait_stage(self.learner.run_offline.remote(i, stage.model_dump(), s0),
+                               self._poll(self.learner))
+        ray.get(self.learner.publish.remote())
+        if measured:
+            self._evaluate(rollouts, f"after stage {i} ({stage.type})")
+        return res
+
+    def _wait_stage(self, ref: Any, poll: Callable[[], None]) -> Any:
+        self._stage_ref = ref  # what a preemption waits for
+        res = _wait(ref, poll)
+        self._stage_ref = None
+        return res
+
     def _run_rl(self, i: int, stage: Any, start: int, stack: dict[str, Any], learner: Any,
-                rollouts: list[Any]) -> dict[str, Any]:
+                rollouts: list[Any], replay: bool = False) -> dict[str, Any]:
         import ray
         import redis
 
         from nebula.transport.pacing import JobKeys
 
-        version = ray.get(learner.publish.remote())
-        ray.get([w.pid.remote() for w in rollouts])  # engines up before timing
-        evals = self.summary["evals"]
-        if not (evals and evals[-1]["version"] == version):  # not measured at these weights
-            self._evaluate(rollouts, f"before stage {i} ({stage.type})")
-        keys_id = f"{self.job_id}-{i}" + (f"-from{start}" if start else "")
-        keys = JobKeys(keys_id)
-        r = redis.Redis.from_url(stack["redis_url"])
-        if start:  # resumed mid-stage: tickets and pacing go on from the checkpoint's step
-            G = self.cfg.learner.groups_per_step
-            r.set(keys.tickets, start * G)
+        r = connect(stack["redis_url"])
+        rl = self._rl if replay and self._rl.get("stage") == i else {}
+        if rl and start < int(r.get(JobKeys(rl["keys_id"]).acked_steps) or 0):
+            # The restored checkpoint is older than groups already acknowledged (and maybe
+            # trimmed), e.g. the newest was corrupt: generate this stage's groups again from it.
+            r.set(JobKeys(rl["keys_id"]).stop, 1)
+            ray.wait(rl["runs"], num_returns=len(rl["runs"]), timeout=120)
+            rl = {}
+        if rl:  # the learner was restarted: it reads the unacknowledged groups again
+            keys_id, runs, raised = rl["keys_id"], rl["runs"], rl["raised"]
+            keys = JobKeys(keys_id)
             r.set(keys.steps_published, start)
-        self.log(f"stage {i}: {stage.type}, {stage.steps} steps"
-                 + (f" from step {start}" if start else "")
-                 + f", max_staleness {self.cfg.async_.max_staleness}")
+            self.log(f"stage {i}: {stage.type} goes on from step {start} with the groups "
+                     "trained since the checkpoint replayed")
+        else:
+            version = ray.get(self.learner.publish.remote())
+            ray.get([w.pid.remote() for w in rollouts])  # engines up before timing
+            evals = self.summary["evals"]
+            if not replay and not (evals and evals[-1]["version"] == version):
+                self._evaluate(rollouts, f"before stage {i} ({stage.type})")
+            n = len(self.summary.get("learner_restarts", []))
+            keys_id = f"{self.job_id}-{i}" + (f"-r{n}" if replay else "") \
+                + (f"-from{start}" if start else "")
+            keys = JobKeys(keys_id)
+            if start:  # resumed mid-stage: tickets and pacing go on from the checkpoint's step
+                G = self.cfg.learner.groups_per_step
+                r.set(keys.tickets, start * G)
+                r.set(keys.steps_published, start)
+            self.log(f"stage {i}: {stage.type}, {stage.steps} steps"
+                     + (f" from step {start}" if start else "")
+                     + f", max_staleness {self.cfg.async_.max_staleness}")
+            args = (f"{stage.type}{i}", keys_id, stage.model_dump())
+            runs = [w.run.remote(*args) for w in rollouts]
+            raised = [0] * len(rollouts)
+            self._rl = {"stage": i, "keys_id": keys_id, "runs": runs, "raised": raised}
+        args = (f"{stage.type}{i}", keys_id, stage.model_dump())
         t_stage = time.monotonic()
         every = self.cfg.eval.interval
         pending: list[tuple[int, float, list[Any]]] = []
         next_eval = [start + every] if every else [stage.steps + 1]
-
-        args = (f"{stage.type}{i}", keys_id, stage.model_dump())
-        runs = [w.run.remote(*args) for w in rollouts]
-        raised = [0] * len(rollouts)
 
         def watch_rollouts() -> None:
             """A worker whose loop raised (a bug, a lost connection) runs it again: the
@@ -297,8 +455,10 @@ class JobRunner:
                                       stage_elapsed_s=p[1] - t_stage,
                                       eval_s=time.monotonic() - p[1])
 
-        res = _wait(learner.run_rl.remote(i, stage.model_dump(), keys_id),
-                    self._poll(learner, periodic))
+        res = self._wait_stage(self.learner.run_rl.remote(i, stage.model_dump(), keys_id),
+                               self._poll(self.learner, periodic))
+        if "preempted_at" in res:
+            return res
         r.set(keys.stop, 1)
         res["rollout"] = ray.get(runs)
         res["rollout_raises"] = raised
@@ -319,43 +479,50 @@ class JobRunner:
         import ray
 
         _, learner, rollouts = self._actors(stack)
+        self._rl: dict[str, Any] = {}
         try:
             first, start = self._resume_point(learner)
-            for i, stage in enumerate(self.cfg.stages):
-                if i < first:
-                    continue
-                s0 = start if i == first else 0
+            i, s0, replay = first, start, False
+            while i < len(self.cfg.stages):
+                stage = self.cfg.stages[i]
                 t0 = time.monotonic()
-                algo = algorithm(stage, self.cfg)
-                if not algo.online:
-                    measured = algo.measured and self.cfg.datasets.eval is not None
-                    if measured:
-                        ray.get(learner.publish.remote())
-                        self._evaluate(rollouts, f"before stage {i} ({stage.type})")
-                    self.log(f"stage {i}: {stage.type}, {stage.steps} steps"
-                             + (f" from step {s0}" if s0 else ""))
-                    res = _wait(learner.run_offline.remote(i, stage.model_dump(), s0),
-                                self._poll(learner))
-                    ray.get(learner.publish.remote())
-                    if measured:
-                        self._evaluate(rollouts, f"after stage {i} ({stage.type})")
-                else:
-                    res = self._run_rl(i, stage, s0, stack, learner, rollouts)
+                try:
+                    res = self._run_stage(i, stage, s0, stack, rollouts, replay)
+                except ray.exceptions.RayActorError as e:
+                    if not self._learner_dead():
+                        raise
+                    where = self._restart_learner(e, i)
+                    if where["stage"] > i or where["stage"] < i - 1:
+                        raise RuntimeError(
+                            f"cannot recover stage {i}: the newest intact checkpoint "
+                            f"{where['path']} is from stage {where['stage']}") from e
+                    if where["stage"] < i:  # the previous stage's end: this one from 0
+                        where["stage"], where["step"] = i, 0
+                    s0, replay = where["step"], True
+                    continue
                 # The stage's own figures (e.g. the learner's RL loop time, "wall_s") stay;
                 # this one also counts engine start-up, publishing and evaluation.
                 res["stage_wall_s"] = time.monotonic() - t0
                 self.summary["stages"].append(res)
                 self.summary.setdefault("checkpoints", []).append(res.get("checkpoint"))
+                i, s0, replay = i + 1, 0, False
             if not self.summary["evals"] and first < len(self.cfg.stages):
                 # No RL stage measured the model (an SFT-only job, e.g. a teacher): once at
                 # the end.
-                self._evaluate(rollouts, f"after stage {len(self.cfg.stages) - 1} "
+                self._evaluate(self.rollouts, f"after stage {len(self.cfg.stages) - 1} "
                                f"({self.cfg.stages[-1].type})")
-            export = ray.get(learner.export.remote())
+            export = ray.get(self.learner.export.remote())
             self.summary["export"] = export
             self.log(f"exported Hugging Face checkpoint to {export}")
+        except (KeyboardInterrupt, SystemExit) as e:
+            self._preempt(e)
+            raise
+        except BaseException as e:
+            if type(e).__name__ == "Cancelled":  # services.jobs.process: SIGTERM
+                self._preempt(e)
+            raise
         finally:
-            for a in [learner, *rollouts]:
+            for a in [self.learner, *self.rollouts]:
                 try:
                     ray.kill(a)
                 except Exception:  # noqa: BLE001

@@ -190,9 +190,15 @@ def resolve_paths(config: dict[str, Any], base: Path | None = None) -> dict[str,
     from nebula.config import ConfigError, load_model
     from nebula.config.job import JobConfig
     from nebula.config.paths import resolve_input_paths
+    from nebula.evaluation import EvalJobConfig, is_eval_config
 
     try:
-        cfg = load_model(JobConfig, dict(config), source="job config")
+        cfg = load_model(EvalJobConfig if is_eval_config(config) else JobConfig,
+                         dict(config), source="job config")
     except ConfigError:
         return config
-    return resolve_input_paths(config, cfg, base or Path.cwd())
+    out = resolve_input_paths(config, cfg, base or Path.cwd())
+    bm = out.get("base_model")  # an eval job's learner-checkpoint base (EvalJobConfig)
+    if isinstance(bm, str) and bm and not Path(bm).is_absolute():
+        out["base_model"] = str(((base or Path.cwd()) / bm).resolve())
+    return out

@@ -24,6 +24,10 @@ def config_model_for(path: Path) -> type:
     from services.api.settings import ApiConfig
 
     data = yaml.safe_load(path.read_text()) or {}
+    if data.get("kind") == "eval":
+        from nebula.evaluation import EvalJobConfig
+
+        return EvalJobConfig
     if "stages" in data:
         return JobConfig
     if "tokens" in data or "quotas" in data:

@@ -214,9 +214,10 @@ def test_resume_from_a_mid_stage_checkpoint(tmp_path: Path) -> None:
     second = JobRunner(resumed_cfg, job_id="second").run()
     assert second["resumed_from"]["stage"] == 1 and second["resumed_from"]["step"] == 2
     assert [s["stage"] for s in second["stages"]] == ["grpo1"]
-    # steps 2 and 3 only
-    assert second["stages"][0]["tickets_trained"] == [[2 * 4, 4 * 4]]
-    assert second["stages"][0]["tickets_trained_n"] == 2 * 4
+    # steps 2 and 3 trained here; the stage's record is the checkpoint's lineage: each
+    # ticket once, the first two steps' from the checkpoint
+    assert second["stages"][0]["tickets_trained"] == [[0, 4 * 4]]
+    assert second["stages"][0]["tickets_trained_n"] == 4 * 4
     assert second["stages"][0]["final_version"] <= v_end
     g = [r for r in read_metrics(resumed_cfg) if r["stage"] == "grpo1"]
     assert len(g) == 2

@@ -161,3 +161,22 @@ def test_ticket_ranges_compress_runs_and_expose_repeats() -> None:
     tickets = [0, 1, 1, 2]  # a ticket trained twice: the count exceeds what the runs cover
     covered = sum(b - a for a, b in ticket_ranges(tickets))
     assert covered == 3 and len(tickets) == 4
+
+
+def test_trim_drops_only_acknowledged_entries(redis_url: str) -> None:
+    """Bounded memory: trimming removes what the learner acknowledged, never a pending entry
+    (a dead learner's replay source) nor one not delivered yet."""
+    s = new_stream(redis_url)
+    ids = [s.publish(group(i)) for i in range(10)]
+    got = s.read("learner-0", 6, block_ms=10)
+    s.ack([ids[0], ids[1], ids[3]])  # ids[2] stays pending: nothing at or after it may go
+    assert s.trim() == 2 and s.length() == 8
+    s.ack([ids[2], ids[4], ids[5]])
+    assert s.trim() == 4 and s.length() == 4  # 6..9 were never delivered: they stay
+    rest = s.read("learner-0", 10, block_ms=10)
+    assert [d.group.group_id for d in rest] == ["g6", "g7", "g8", "g9"]
+    assert s.trim() == 0 and s.pending() == 4 and len(got) == 6
+    s.ack([d.entry_id for d in rest])
+    assert s.trim() == 4 and s.length() == 0
+    s.publish(group(10))  # the stream goes on after a full trim
+    assert [d.group.group_id for d in s.read("learner-0", 5, block_ms=10)] == ["g10"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -17,8 +18,11 @@ from typing import Any
 import grpc
 
 from nebula.service_process import free_port, service_process
+from nebula.supervisor import DEFAULT_RETRY_S, RECONNECT_OPTIONS, call_retrying
 from nebula.v1 import teacher_pb2 as pb
 from nebula.v1 import teacher_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
 
 _MB = 1 << 20
 SequenceLike = pb.TokenSequence | tuple[Sequence[int], Sequence[int]] | dict[str, Sequence[int]]
@@ -62,7 +66,7 @@ class TeacherScores:
 
 def channel_options(max_message_mb: int = 64) -> list[tuple[str, int]]:
     return [("grpc.max_send_message_length", max_message_mb * _MB),
-            ("grpc.max_receive_message_length", max_message_mb * _MB)]
+            ("grpc.max_receive_message_length", max_message_mb * _MB), *RECONNECT_OPTIONS]
 
 
 def sequence_to_pb(s: SequenceLike) -> pb.TokenSequence:
@@ -83,19 +87,33 @@ def scores_from_pb(r: pb.SequenceLogprobs) -> SequenceScores:
 
 
 class TeacherClient:
-    """Blocking client; one channel, safe to share between threads."""
+    """Blocking client; one channel, safe to share between threads.
 
-    def __init__(self, address: str, timeout_s: float = 120.0, max_message_mb: int = 64) -> None:
+    Every call has a deadline (`timeout_s`). A call that finds the service UNAVAILABLE (down,
+    being restarted by its supervisor, connection reset mid-call) is sent again with the same
+    sequences for up to `retry_s` of outage, one log line per outage; teacher log-probs are a
+    pure function of the request, so the retried call answers what the first would have.
+    `stats` counts outages and retries."""
+
+    def __init__(self, address: str, timeout_s: float = 120.0, max_message_mb: int = 64,
+                 retry_s: float = DEFAULT_RETRY_S) -> None:
         self.address = address
         self.timeout_s = timeout_s
+        self.retry_s = retry_s
+        self.stats: dict[str, int] = {"outages": 0, "retries": 0}
         self._channel = grpc.insecure_channel(address, options=channel_options(max_message_mb))
         self._stub = pb_grpc.TeacherServiceStub(self._channel)
 
     def wait_ready(self, timeout_s: float = 30.0) -> None:
+        log.info("waiting up to %.0f s for the teacher service at %s", timeout_s, self.address)
         grpc.channel_ready_future(self._channel).result(timeout=timeout_s)
 
+    def _call(self, method: Any, request: Any) -> Any:
+        return call_retrying(method, request, timeout_s=self.timeout_s, retry_s=self.retry_s,
+                             what=f"teacher service at {self.address}", stats=self.stats)
+
     def logprobs_pb(self, request: pb.TeacherLogprobsRequest) -> pb.TeacherLogprobsResponse:
-        return self._stub.TeacherLogprobs(request, timeout=self.timeout_s)
+        return self._call(self._stub.TeacherLogprobs, request)
 
     def logprobs(self, teacher: str, sequences: Sequence[SequenceLike], top_k: int = 0,
                  tokenizer_fingerprint: str = "") -> TeacherScores:
@@ -110,7 +128,7 @@ class TeacherClient:
                              [scores_from_pb(r) for r in resp.results])
 
     def list_teachers(self) -> list[dict[str, Any]]:
-        resp = self._stub.ListTeachers(pb.ListTeachersRequest(), timeout=self.timeout_s)
+        resp = self._call(self._stub.ListTeachers, pb.ListTeachersRequest())
         return [{"name": t.name, "version": t.version, "vocab_size": t.vocab_size,
                  "tokenizer_fingerprint": t.tokenizer_fingerprint} for t in resp.teachers]
 
@@ -171,9 +189,12 @@ def check_compatible(client: TeacherClient, teacher: str, student_tokenizer: Any
 
 @contextmanager
 def teacher_process(work_dir: Path, config: dict[str, Any], env: dict[str, str] | None = None,
-                    timeout_s: float = 120.0) -> Iterator[dict[str, Any]]:
+                    timeout_s: float = 120.0, supervise: bool | dict[str, Any] = False
+                    ) -> Iterator[dict[str, Any]]:
     """A `python -m teacher` child on loopback (stopped by its PID on exit); yields address,
-    metrics port, log path and the process. `config` is a TeacherServiceConfig as a dict."""
+    metrics port, log path, the process and its supervisor. `config` is a
+    TeacherServiceConfig as a dict. `supervise` (True or Supervisor options): restarted on
+    the same ports when it dies (`nebula.service_process.service_process`)."""
     cfg = {"metrics_port": free_port(), **config}
-    with service_process("teacher", work_dir, cfg, env, timeout_s) as srv:
+    with service_process("teacher", work_dir, cfg, env, timeout_s, supervise=supervise) as srv:
         yield srv

@@ -5,14 +5,18 @@ call the service (rollout, services) import this module, not the `verifier` pack
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
 
+from nebula.supervisor import DEFAULT_RETRY_S, RECONNECT_OPTIONS, acall_retrying, call_retrying
 from nebula.v1 import verifier_pb2 as pb
 from nebula.v1 import verifier_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
 
 OK, ERROR, TIMEOUT = "ok", "error", "timeout"
 
@@ -86,29 +90,43 @@ _MB = 1 << 20
 
 def channel_options(max_message_mb: int = 64) -> list[tuple[str, int]]:
     return [("grpc.max_send_message_length", max_message_mb * _MB),
-            ("grpc.max_receive_message_length", max_message_mb * _MB)]
+            ("grpc.max_receive_message_length", max_message_mb * _MB), *RECONNECT_OPTIONS]
 
 
 class VerifierClient:
-    """Blocking client; one channel, safe to share between threads."""
+    """Blocking client; one channel, safe to share between threads.
 
-    def __init__(self, address: str, timeout_s: float = 120.0, max_message_mb: int = 64) -> None:
+    Every call has a deadline (`timeout_s`). A call that finds the service UNAVAILABLE (down,
+    being restarted by its supervisor, connection reset mid-call) is sent again with the same
+    items for up to `retry_s` of outage, one log line per outage; scoring is a pure function
+    of the items, so the retried call answers what the first would have. `stats` counts
+    outages and retries."""
+
+    def __init__(self, address: str, timeout_s: float = 120.0, max_message_mb: int = 64,
+                 retry_s: float = DEFAULT_RETRY_S) -> None:
         self.address = address
         self.timeout_s = timeout_s
+        self.retry_s = retry_s
+        self.stats: dict[str, int] = {"outages": 0, "retries": 0}
         self._channel = grpc.insecure_channel(address, options=channel_options(max_message_mb))
         self._stub = pb_grpc.VerifierServiceStub(self._channel)
 
     def wait_ready(self, timeout_s: float = 30.0) -> None:
+        log.info("waiting up to %.0f s for the verifier at %s", timeout_s, self.address)
         grpc.channel_ready_future(self._channel).result(timeout=timeout_s)
+
+    def _call(self, method: Any, request: Any) -> Any:
+        return call_retrying(method, request, timeout_s=self.timeout_s, retry_s=self.retry_s,
+                             what=f"verifier at {self.address}", stats=self.stats)
 
     def verify(self, items: Sequence[Item], item_timeout_s: float = 0) -> list[ItemResult]:
         req = pb.VerifyBatchRequest(items=[item_to_pb(i) for i in items],
                                     item_timeout_s=item_timeout_s)
-        resp = self._stub.VerifyBatch(req, timeout=self.timeout_s)
+        resp = self._call(self._stub.VerifyBatch, req)
         return [result_from_pb(r) for r in resp.results]
 
     def list_verifiers(self) -> list[dict[str, Any]]:
-        resp = self._stub.ListVerifiers(pb.ListVerifiersRequest(), timeout=self.timeout_s)
+        resp = self._call(self._stub.ListVerifiers, pb.ListVerifiersRequest())
         return [{"name": v.name, "version": v.version, "description": v.description,
                  "source": v.source} for v in resp.verifiers]
 
@@ -125,16 +143,25 @@ class VerifierClient:
 class AsyncVerifierClient:
     """asyncio client, for rollout workers and remote verifiers."""
 
-    def __init__(self, address: str, timeout_s: float = 120.0, max_message_mb: int = 64) -> None:
+    def __init__(self, address: str, timeout_s: float = 120.0, max_message_mb: int = 64,
+                 retry_s: float = DEFAULT_RETRY_S) -> None:
         self.address = address
         self.timeout_s = timeout_s
+        self.retry_s = retry_s
+        self.stats: dict[str, int] = {"outages": 0, "retries": 0}
         self._channel = grpc.aio.insecure_channel(address, options=channel_options(max_message_mb))
         self._stub = pb_grpc.VerifierServiceStub(self._channel)
 
     async def verify_pb(self, items: Sequence[pb.VerifyItem], item_timeout_s: float = 0,
-                        timeout_s: float | None = None) -> list[pb.VerifyResult]:
+                        timeout_s: float | None = None,
+                        retry_s: float | None = None) -> list[pb.VerifyResult]:
+        """One VerifyBatch call with a deadline of `timeout_s` per attempt, sent again while
+        the service is UNAVAILABLE for up to `retry_s` (default: the client's)."""
         req = pb.VerifyBatchRequest(items=list(items), item_timeout_s=item_timeout_s)
-        resp = await self._stub.VerifyBatch(req, timeout=timeout_s or self.timeout_s)
+        resp = await acall_retrying(self._stub.VerifyBatch, req,
+                                    timeout_s=timeout_s or self.timeout_s,
+                                    retry_s=self.retry_s if retry_s is None else retry_s,
+                                    what=f"verifier at {self.address}", stats=self.stats)
         return list(resp.results)
 
     async def verify(self, items: Sequence[Item], item_timeout_s: float = 0) -> list[ItemResult]:

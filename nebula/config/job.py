@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from nebula.algo import algorithm, stage_union
 from nebula.config.data import DatasetConfig
@@ -162,10 +162,40 @@ class CheckpointConfig(Strict):
     keep: int = Field(2, gt=0, description="Checkpoints kept (oldest removed first).")
 
 
+class RecoveryConfig(Strict):
+    max_restarts: int = Field(3, ge=0, description="Restarts of a dead learner per job (0: a "
+                              "learner death fails the job); each restart resumes from the "
+                              "newest intact checkpoint and replays the groups trained since.")
+    backoff_s: float = Field(2.0, ge=0, description="Wait before a restart, doubled each time.")
+    preemption_grace_s: float = Field(
+        120.0, gt=0, description="On SIGTERM (a cancelled job, a pod eviction), time the "
+        "learner gets to write a checkpoint of its current step before the job exits.")
+
+
+class VerifierUseConfig(Strict):
+    max_error_rate: float = Field(
+        0.5, ge=0, le=1, description="A job stops when more than this share of the samples of "
+        "the last `error_window` learner steps came back from the verifier as error or "
+        "timeout (those samples never train; a broken verifier should not run for days).")
+    error_window: int = Field(4, gt=0, description="Learner steps the error rate is taken over.")
+
+
 class EvalConfig(Strict):
     interval: int = Field(0, ge=0, description="Evaluate every N GRPO steps (0: before and after).")
     max_prompts: int = Field(200, gt=0, description="Held-out prompts per evaluation.")
     sampled_temperature: float = Field(1.0, gt=0, description="Temperature of sampled accuracy.")
+    samples: int = Field(4, gt=0, description="Sampled completions per held-out prompt (n of "
+                         "pass@k; `sampled` is the mean accuracy over them, mean@n).")
+    k: list[int] = Field([1], min_length=1, description="pass@k reported for each k "
+                         "(1 <= k <= eval.samples), as `nebula eval` reports it.")
+
+    @field_validator("k")
+    @classmethod
+    def _k_fits_samples(cls, ks: list[int], info: ValidationInfo) -> list[int]:
+        from nebula.evaluation import check_ks
+
+        check_ks(ks, info.data.get("samples"), "eval.samples")
+        return sorted(set(ks))
 
 
 class ClusterConfig(Strict):
@@ -196,6 +226,8 @@ class JobConfig(Strict):
     async_: AsyncConfig = Field(default_factory=AsyncConfig, alias="async")
     checkpoint: CheckpointConfig | None = Field(None, description="Default: output_dir/checkpoints.")
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    recovery: RecoveryConfig = Field(default_factory=RecoveryConfig)
+    verifier: VerifierUseConfig = Field(default_factory=VerifierUseConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     seed: int = Field(0, description="Global seed.")
     resume_from: str | None = Field(

@@ -7,6 +7,8 @@ the same interface in-process, for unit tests of the code around it only.
 
 from __future__ import annotations
 
+from nebula.transport.redis_client import connect
+
 import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -43,6 +45,11 @@ class TrajectoryStream(ABC):
     def length(self) -> int:
         """Entries in the stream (acknowledged ones included until trimmed)."""
 
+    def trim(self) -> int:
+        """Remove acknowledged entries, never a pending or undelivered one; returns how many
+        went. Kept by default (the in-process stand-in)."""
+        return 0
+
 
 class RedisTrajectoryStream(TrajectoryStream):
     """One Redis Stream per job, one consumer group for the learner(s)."""
@@ -51,7 +58,7 @@ class RedisTrajectoryStream(TrajectoryStream):
                  claim_idle_ms: int = 60_000) -> None:
         import redis
 
-        self.r = redis.Redis.from_url(redis_url)
+        self.r = connect(redis_url)
         self.stream, self.group = stream, group
         self.claim_idle_ms = claim_idle_ms
         # Per consumer, the last own-pending entry replayed after a restart; absent once the
@@ -113,6 +120,29 @@ class RedisTrajectoryStream(TrajectoryStream):
 
     def length(self) -> int:
         return int(self.r.xlen(self.stream))
+
+    def trim(self) -> int:
+        """XTRIM MINID to the oldest entry still needed: the oldest pending one, else the one
+        after the group's last delivered entry (entries after it are not delivered yet)."""
+        group = next((g for g in self.r.xinfo_groups(self.stream)
+                      if _text(g["name"]) == self.group), None)
+        if group is None:
+            return 0
+        ms, seq = _text(group["last-delivered-id"]).split("-")
+        keep_from = f"{ms}-{int(seq) + 1}"
+        pending = self.r.xpending(self.stream, self.group)
+        if pending["pending"]:
+            keep_from = min(keep_from, _text(pending["min"]), key=_id_key)
+        return int(self.r.xtrim(self.stream, minid=keep_from, approximate=False))
+
+
+def _text(v: bytes | str) -> str:
+    return v.decode() if isinstance(v, bytes) else v
+
+
+def _id_key(entry_id: str) -> tuple[int, int]:
+    ms, seq = entry_id.split("-")
+    return int(ms), int(seq)
 
 
 class MemoryTrajectoryStream(TrajectoryStream):

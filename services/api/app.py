@@ -172,6 +172,7 @@ def _errors(app: FastAPI) -> None:
 def _job_config_schema(app: FastAPI) -> None:
     """Put JobConfig (and its parts) into the OpenAPI components the create route refers to."""
     from nebula.config.job import JobConfig
+    from nebula.evaluation import EvalJobConfig
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema:
@@ -184,6 +185,10 @@ def _job_config_schema(app: FastAPI) -> None:
         comps = schema.setdefault("components", {}).setdefault("schemas", {})
         comps.update(js.pop("$defs", {}))
         comps["JobConfig"] = js
+        ev = EvalJobConfig.model_json_schema(by_alias=True,
+                                             ref_template="#/components/schemas/{model}")
+        comps.update(ev.pop("$defs", {}))
+        comps["EvalJobConfig"] = ev
         # Our 422 bodies list {field, message, type}, not FastAPI's default {loc, msg, type}.
         comps["HTTPValidationError"] = {"$ref": "#/components/schemas/ErrorBody"}
         app.openapi_schema = schema

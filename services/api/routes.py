@@ -47,11 +47,14 @@ def _json(body: str) -> Response:
 
 
 def _job_config_body() -> dict[str, Any]:
-    """OpenAPI of the create body: the JobConfig schema, as JSON or YAML."""
-    return {"requestBody": {"required": True, "description": "A job config (JobConfig).",
-                            "content": {
-                                "application/json": {"schema": {"$ref": "#/components/schemas/JobConfig"}},
-                                "application/yaml": {"schema": {"$ref": "#/components/schemas/JobConfig"}}}}}
+    """OpenAPI of the create body: a training job's config (JobConfig) or an eval job's
+    (EvalJobConfig, `kind: eval`), as JSON or YAML."""
+    schema = {"oneOf": [{"$ref": "#/components/schemas/JobConfig"},
+                        {"$ref": "#/components/schemas/EvalJobConfig"}]}
+    return {"requestBody": {"required": True, "description": "A job config (JobConfig), or "
+                            "an eval job's (EvalJobConfig, `kind: eval`).",
+                            "content": {"application/json": {"schema": schema},
+                                        "application/yaml": {"schema": schema}}}}
 
 
 @router.post("/jobs", status_code=201, response_model=JobView, openapi_extra=_job_config_body(),

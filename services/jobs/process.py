@@ -69,14 +69,14 @@ class RedisLines(io.TextIOBase):
 
 def scan_checkpoints(ck_dir: Path) -> list[dict[str, Any]]:
     """Complete checkpoints under the job's checkpoint dir, oldest first: learner checkpoints
-    (DeepSpeed's `latest` file is written last) and the Hugging Face export."""
+    (their `manifest.json` of checksums is written last) and the Hugging Face export."""
     out = []
     if not ck_dir.is_dir():
         return out
     for p in ck_dir.iterdir():
         if p.name == "export" and (p / "config.json").exists():
             kind = "export"
-        elif p.is_dir() and (p / "latest").exists():
+        elif p.is_dir() and (p / "manifest.json").exists():
             kind = "checkpoint"
         else:
             continue
@@ -222,20 +222,26 @@ def _summary(summary: dict[str, Any]) -> dict[str, Any]:
     """The small part of the runner's summary worth keeping in the record."""
     stages = [{k: v for k, v in s.items() if not isinstance(v, (list, dict))}
               for s in summary.get("stages", [])]
-    return {"stages": stages, "export": summary.get("export"), "wall_s": summary.get("wall_s")}
+    out = {"stages": stages, "export": summary.get("export"), "wall_s": summary.get("wall_s")}
+    if summary.get("kind") == "eval":  # an eval job: where its results are, and the totals
+        out.update(results=summary.get("results"),
+                   metrics=(summary.get("metrics") or {}).get("all"))
+    return out
 
 
 def _job_config(rec: dict[str, Any], redis_url: str) -> Any:
     from nebula.config.job import JobConfig
+    from nebula.evaluation import EvalJobConfig, is_eval_config
 
     data = dict(rec["config"])
+    model: Any = EvalJobConfig if is_eval_config(data) else JobConfig
     cluster = dict(data.get("cluster") or {})
     # This driver runs inside a Ray job: use that Ray (RAY_ADDRESS is set by Ray for it)
     # and the API's Redis, never private ones.
     cluster["ray_address"] = os.environ.get("RAY_ADDRESS") or "auto"
     cluster["redis_url"] = redis_url
     data["cluster"] = cluster
-    return JobConfig.model_validate(data)
+    return model.model_validate(data)
 
 
 def run(job_id: str, redis_url: str, work_dir: Path) -> int:
@@ -289,9 +295,16 @@ def run(job_id: str, redis_url: str, work_dir: Path) -> int:
             _clear_stage_keys(store, job_id)
         from services.runner import JobRunner
 
-        reporter = Reporter(store, job_id, Path(cfg.checkpoint.dir),
-                            [int(st.steps) for st in cfg.stages])
-        runner = JobRunner(cfg, job_id, progress=reporter, log=print)
+        runner: Any
+        if getattr(cfg, "kind", None) == "eval":  # an eval job: services/evaluate.py
+            from services.evaluate import EvalRunner
+
+            reporter = Reporter(store, job_id, Path(cfg.output_dir) / "checkpoints")
+            runner = EvalRunner(cfg, job_id, progress=reporter, log=print)
+        else:
+            reporter = Reporter(store, job_id, Path(cfg.checkpoint.dir),
+                                [int(st.steps) for st in cfg.stages])
+            runner = JobRunner(cfg, job_id, progress=reporter, log=print)
         reporter.runner = runner
         reporter.start()
         summary = runner.run()

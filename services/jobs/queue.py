@@ -19,10 +19,13 @@ from services.jobs.keys import LAUNCHED
 
 
 def needs(config: dict[str, Any]) -> tuple[float, float]:
-    """(CPUs, GPUs) a job reserves in Ray: 1 learner CPU + its rollout actors."""
+    """(CPUs, GPUs) a job reserves in Ray: 1 learner CPU (none for an eval job) + its rollout
+    actors."""
     ro = config.get("rollout") or {}
     workers = int(ro.get("workers", 1))
-    return 1.0 + workers * float(ro.get("num_cpus", 1.0)), workers * float(ro.get("num_gpus", 0.0))
+    learner = 0.0 if config.get("kind") == "eval" else 1.0
+    return (learner + workers * float(ro.get("num_cpus", 1.0)),
+            workers * float(ro.get("num_gpus", 0.0)))
 
 
 def order_key(rec: dict[str, Any]) -> tuple[int, int]:

@@ -38,8 +38,10 @@ def validate_job_config(raw: Any, job_id: str, work_dir: Path) -> dict[str, Any]
     """The job config as stored: validated whole (ConfigError names each bad field), dumped
     with every default filled in. The service places job outputs: output_dir (default
     jobs/<id>) and checkpoint.dir (default output_dir/checkpoints) become absolute under the
-    work dir, because a job's driver and its Ray actors run in different directories."""
+    work dir, because a job's driver and its Ray actors run in different directories. A
+    config with `kind: eval` is an eval job's (nebula.evaluation.EvalJobConfig)."""
     from nebula.config.job import JobConfig
+    from nebula.evaluation import EvalJobConfig, is_eval_config
 
     if not isinstance(raw, dict):
         raise ConfigError(f"job config must be a mapping, got {type(raw).__name__}",
@@ -53,10 +55,15 @@ def validate_job_config(raw: Any, job_id: str, work_dir: Path) -> dict[str, Any]
         ck_dir = ck.get("dir")
         ck_dir = ck_dir if isinstance(ck_dir, str) and ck_dir else "checkpoints"
         data["checkpoint"] = {**ck, "dir": str(Path(data["output_dir"]) / ck_dir)}
-    cfg = load_model(JobConfig, data, source="job config")
+    model: type = EvalJobConfig if is_eval_config(data) else JobConfig
+    cfg = load_model(model, data, source="eval job config" if model is EvalJobConfig
+                     else "job config")
     from nebula.config.paths import relative_input_paths
 
     rel = relative_input_paths(cfg)
+    base = getattr(cfg, "base_model", None)  # an eval job's (EvalJobConfig)
+    if base and not Path(base).is_absolute():
+        rel.append(("base_model", base))
     if rel:  # the service cannot know what they were relative to (nebula/config/paths.py)
         raise ConfigError(
             "job config: relative input path(s): " + ", ".join(f"{f}={v!r}" for f, v in rel),
