@@ -33,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     from learner.worker import LearnerWorker
 
     worker = LearnerWorker(cfg.model_dump(by_alias=True), f"{cfg.name}-sft", None, None)
+    worker.setup()
     for i, stage in stages:
         print(json.dumps(worker.run_offline(i, stage.model_dump())))
     worker.engine.export_hf(args.out)

@@ -204,6 +204,32 @@ class DSLearnerEngine(EngineWeights, EngineScoring):
         finally:
             model.train(was_training)
 
+    def _sum_over_ranks(self, values: list[float]) -> list[float]:
+        if self.world_size == 1:
+            return values
+        import torch
+
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(t)
+        return [float(v) for v in t.tolist()]
+
+    def _max_over_ranks(self, value: int) -> int:
+        if self.world_size == 1:
+            return value
+        import torch
+
+        t = torch.tensor([value], dtype=torch.int64, device=self.device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return int(t.item())
+
+    def _gather(self, obj: Any) -> list[Any]:
+        """`obj` of every rank, in rank order (small Python objects: metrics)."""
+        import torch
+
+        out: list[Any] = [None] * self.world_size
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
     def _manual_grad_norm(self) -> float:
         import torch
 
@@ -227,7 +253,8 @@ class DSLearnerEngine(EngineWeights, EngineScoring):
             loss, m = loss_fn(i, mb, lp)
             eng.backward(loss, scale_wrt_gas=False)
             del lp, loss  # the graph of this micro-batch, before the next forward
-            metrics.append(m)
+            if m is not None:  # None: a rank's padding micro-batch (no tokens of its own)
+                metrics.append(m)
         manual = (self._manual_grad_norm()
                   if self.zero_stage == 0 and self.dtype == "float32" else None)
         eng.step()
@@ -270,8 +297,8 @@ class DSLearnerEngine(EngineWeights, EngineScoring):
 
     # ------------------------------------------------------------------ training
 
-    def step(self, batch: Batch, algo: Algorithm, *, examples: int | None = None
-             ) -> dict[str, float]:
+    def step(self, batch: Batch, algo: Algorithm, *, examples: int | None = None,
+             filler: bool = False) -> dict[str, float]:
         """One optimizer step of `algo`'s loss on `batch` (`nebula.algo`: the loss gets one
         `LossInput` per micro-batch). Online (RL) algorithms train on the rollout policy's
         temperature, get the pre-step log-probs from the training forward (or a no-grad pass,
@@ -281,7 +308,12 @@ class DSLearnerEngine(EngineWeights, EngineScoring):
         (`step_applied` 0). Online steps also report the learner/engine agreement on the
         sampled tokens (`learner.mismatch`: logprob_diff_abs_mean, mismatch_kl_k3, and their
         `_fresh` variants over the tokens of the learner's current version), staleness, and
-        the mean entropy of the tempered policy over the trained tokens."""
+        the mean entropy of the tempered policy over the trained tokens.
+
+        Collective with several ranks: every rank calls it with its share of the step
+        (`learner.shard`); the losses are normalised by the step's total counts and the
+        metrics are the whole step's. A rank with no share passes some batch of the stage
+        with `filler` (it only keeps the collectives in step; its passes weigh zero)."""
         import torch
 
         from learner.mismatch import LogprobMismatch
@@ -289,12 +321,27 @@ class DSLearnerEngine(EngineWeights, EngineScoring):
 
         t0 = time.perf_counter()
         batch = batch.to(self.device)
-        n_tok, n_seq = batch.num_tokens, batch.num_sequences
-        n_ex = float(examples if examples is not None else int(batch.group_index.max()) + 1)
-        base = {"sequences": float(batch.size), "version": float(self.version)}
+        with_top = batch.teacher_top_ids.shape[-1] > 0
+        if filler:
+            n_tok = n_seq = n_ex = n_top = r_sum = rows = 0.0
+        else:
+            n_tok, n_seq = float(batch.num_tokens), float(batch.num_sequences)
+            n_ex = float(examples if examples is not None
+                         else int(batch.group_index.max()) + 1)
+            n_top = float(((batch.mask > 0) & batch.has_top).sum()) if with_top else 0.0
+            r_sum, rows = float(batch.rewards.sum()), float(batch.size)
+        # The whole step's counts (every rank's share): each rank's loss is normalised by
+        # them, so the ranks' gradients add up to the one-rank gradient of the whole batch.
+        n_tok, n_seq, n_ex, n_top, r_sum, rows = self._sum_over_ranks(
+            [n_tok, n_seq, n_ex, n_top, r_sum, rows])
+        base = {"sequences": rows, "version": float(self.version)}
         if n_tok == 0:
             return {**base, "loss": 0.0, "tokens": 0.0, "step_applied": 0.0, "step_time_s": 0.0}
         mbs = self.micro_batches(batch, whole_groups=algo.whole_examples)
+        # Every rank runs as many forward/backward passes (ZeRO-3 gathers parameters in
+        # each forward, collectively): a rank with fewer pads with passes of zero weight.
+        n_real = 0 if filler else len(mbs)
+        mbs = mbs + [mbs[-1]] * (self._max_over_ranks(len(mbs)) - len(mbs))
         cfg, online = self.cfg, algo.online
         temperature = self.temperature if online else 1.0
         old = (self._no_grad_logprobs(self.engine, mbs, with_entropy=True)
@@ -302,13 +349,14 @@ class DSLearnerEngine(EngineWeights, EngineScoring):
         use_kl = algo.kl_penalty and cfg.kl.coef > 0 and self.ref_model is not None
         ref = self._no_grad_logprobs(self.ref_model, mbs) if use_kl else None
         t_fwd = time.perf_counter() - t0
-        with_top = batch.teacher_top_ids.shape[-1] > 0
-        n_top = float(((batch.mask > 0) & batch.has_top).sum()) if with_top else 0.0
         version_before = self.version
         mismatch = LogprobMismatch() if online else None
+        scale = float(self.world_size)  # DeepSpeed averages the ranks' gradients
 
-        def loss_fn(i: int, mb: MicroBatch, out: TokenLogProbs) -> tuple[Any, dict]:
+        def loss_fn(i: int, mb: MicroBatch, out: TokenLogProbs) -> tuple[Any, dict | None]:
             b, lp = mb.batch, out.token
+            if i >= n_real:  # padding pass: a zero gradient, through every parameter
+                return lp.sum() * 0.0, None
             old_i = old[i].token if old is not None else lp.detach()
             entropy = old[i].entropy if old is not None else out.entropy
             loss, m = algo.loss(LossInput(
@@ -326,12 +374,16 @@ class DSLearnerEngine(EngineWeights, EngineScoring):
                     lag = (version_before - b.policy_versions[sel]).float()
                     m["staleness_mean"] = float(lag.mean()) if lag.numel() else 0.0
                     m["staleness_max"] = float(lag.max()) if lag.numel() else 0.0
-            return loss, m
+            return loss * scale if scale != 1.0 else loss, m
 
         lr = self.lr
         parts, norm = self._optimizer_step(mbs, loss_fn, with_top,
                                            with_entropy=online and old is None,
                                            temperature=temperature)
+        if self.world_size > 1:  # the metrics of the whole step, identical on every rank
+            parts = [p for rank_parts in self._gather(parts) for p in rank_parts]
+            if mismatch is not None:
+                mismatch = LogprobMismatch.merged(self._gather(mismatch))
         out = self._combine(parts)
         algo.summarise(out)
         dt = time.perf_counter() - t0
@@ -341,8 +393,7 @@ class DSLearnerEngine(EngineWeights, EngineScoring):
                     "version": float(self.version),
                     "step_applied": float(self.version > version_before)})
         if online:
-            out.update(groups=n_ex, no_grad_fwd_time_s=t_fwd,
-                       reward_mean=float(batch.rewards.mean()))
+            out.update(groups=n_ex, no_grad_fwd_time_s=t_fwd, reward_mean=r_sum / rows)
         else:
             out["examples"] = n_ex
         return out

@@ -61,6 +61,21 @@ class LogprobMismatch:
         self.fresh_abs_max = max(self.fresh_abs_max, float(df.abs().max()) if df.numel() else 0.0)
         self.fresh_k3_sum += float(k3[fresh].sum())
 
+    @classmethod
+    def merged(cls, parts: list[LogprobMismatch]) -> LogprobMismatch:
+        """One step's sums over several ranks' shares."""
+        out = cls()
+        for p in parts:
+            out.tokens += p.tokens
+            out.abs_sum += p.abs_sum
+            out.abs_max = max(out.abs_max, p.abs_max)
+            out.k3_sum += p.k3_sum
+            out.fresh_tokens += p.fresh_tokens
+            out.fresh_abs_sum += p.fresh_abs_sum
+            out.fresh_abs_max = max(out.fresh_abs_max, p.fresh_abs_max)
+            out.fresh_k3_sum += p.fresh_k3_sum
+        return out
+
     def metrics(self) -> dict[str, float]:
         """Means over the tokens seen; a group of metrics is left out when it saw no token
         (a 0 there would read as perfect agreement)."""

@@ -58,42 +58,32 @@ class VerifierFailing(RuntimeError):
 
 
 class LearnerWorker:
+    """One data-parallel rank of the learner (`services.learner_group`): construct, then
+    `setup` (the rendezvous and the DeepSpeed engine). Every rank runs every call; rank 0
+    reads the stream, paces, publishes, acknowledges and logs, and broadcasts each step's
+    groups to the others, which train their `learner.shard` share."""
+
     def __init__(self, job: dict[str, Any], job_id: str, redis_url: str | None,
-                 weight_store: Any, incarnation: int = 0) -> None:
-        import os
-
-        import redis
-
-        from learner.ds_engine import DSLearnerEngine
-
-        # This actor is a single-process learner: rendezvous variables inherited from the
-        # process that started Ray (a test run, a shell) would point at a port already in use.
-        for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-            os.environ.pop(var, None)
+                 weight_store: Any, incarnation: int = 0, rank: int = 0,
+                 world_size: int = 1) -> None:
         from nebula.cpu_binding import apply_cpu_binding
 
         apply_cpu_binding("learner")
-        from learner.metrics import MetricsSink
-
         self.cfg = JobConfig.model_validate(job)
         from nebula.checkpoints import job_fingerprint
 
         self._fingerprint = job_fingerprint(self.cfg)  # what a resume must share with this job
         self.job_id, self.redis_url = job_id, redis_url
+        self.rank, self.world_size, self.lead = rank, world_size, rank == 0
         self.incarnation = incarnation  # 0, then 1, 2, ... for each restart after a death
-        # Fault-drill sites: "learner.<site>", then "learner-r1.<site>" in the first restart...
-        self.fault_name = f"learner-r{incarnation}" if incarnation else "learner"
-        self.r = connect(redis_url) if redis_url else None
+        # Fault-drill sites: "learner.<site>", then "learner-r1.<site>" in the first restart
+        # ...; rank k > 0 of a group: "learner-rank<k>.<site>".
+        self.fault_name = (f"learner-r{incarnation}" if incarnation else "learner") \
+            + (f"-rank{rank}" if rank else "")
+        self.r = connect(redis_url) if redis_url and self.lead else None
         self.store = weight_store
-        self.engine = DSLearnerEngine(self.cfg.model.path, self.cfg.learner,
-                                      dtype=self.cfg.model.dtype,
-                                      temperature=self.cfg.rollout.temperature or 1.0,
-                                      reference=self.cfg.learner.kl.coef > 0)
-        from transformers import AutoTokenizer
-
-        self.tokenizer = AutoTokenizer.from_pretrained(self.cfg.model.path)
-        self.metrics = MetricsSink(Path(self.cfg.output_dir), redis_url,
-                                   JobKeys(job_id).metrics)
+        self.engine: Any = None
+        self.metrics: Any = None
         self.global_step = 0
         self.pusher: Any = None  # NcclWeightPusher once rollouts are attached (GPU)
         self._published = -1
@@ -111,6 +101,62 @@ class LearnerWorker:
         self._stream: Any = None
         self.replayed = 0  # groups read again after a restart (trained since a checkpoint)
 
+    def rendezvous(self) -> tuple[str, int]:
+        """Rank 0: the address and a free port of its node, where the ranks meet."""
+        import ray
+
+        from nebula.service_process import free_port
+
+        return ray.util.get_node_ip_address(), free_port()
+
+    def setup(self, master: tuple[str, int] | None = None) -> int:
+        """Join the ranks' process group at `master` (None: a single rank) and build the
+        DeepSpeed engine; returns this rank."""
+        import os
+
+        from learner.ds_engine import DSLearnerEngine
+
+        # Rendezvous variables inherited from the process that started Ray (a test run, a
+        # shell) would point at a port already in use: this group's own, or none (one rank).
+        for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+            os.environ.pop(var, None)
+        if master is not None:
+            os.environ.update(RANK=str(self.rank), WORLD_SIZE=str(self.world_size),
+                              LOCAL_RANK="0",  # Ray shows each rank only its own GPU(s)
+                              MASTER_ADDR=master[0], MASTER_PORT=str(master[1]))
+        self.engine = DSLearnerEngine(self.cfg.model.path, self.cfg.learner,
+                                      dtype=self.cfg.model.dtype,
+                                      temperature=self.cfg.rollout.temperature or 1.0,
+                                      reference=self.cfg.learner.kl.coef > 0)
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(self.cfg.model.path)
+        if self.lead:
+            from learner.metrics import MetricsSink
+
+            self.metrics = MetricsSink(Path(self.cfg.output_dir), self.redis_url,
+                                       JobKeys(self.job_id).metrics)
+        return self.rank
+
+    def node_id(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
+    def _share(self, obj: Any) -> Any:
+        """Rank 0's `obj` on every rank (the others pass None)."""
+        if self.world_size == 1:
+            return obj
+        import torch.distributed as dist
+
+        box = [obj if self.lead else None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def _log(self, step: int, stage: str, m: dict[str, Any]) -> None:
+        if self.metrics is not None:
+            self.metrics.log(step, stage, m)
+
     # -- weights ------------------------------------------------------------------------
 
     def publish(self, steps: int = -1) -> int:
@@ -121,17 +167,23 @@ class LearnerWorker:
         version = self.engine.version
         if version == self._published and steps == self._published_steps:
             return version
+        ref = None
         if self.pusher is not None:  # GPU: broadcast into the engines; no blob to fetch
             if version != self._published:
                 self.pusher.push(version)
-            ref = None
+        elif version != self._published:
+            # Rank 0 holds the full weights (ZeRO-1/2); under ZeRO-3 every rank takes part in
+            # gathering them.
+            if self.lead or self.engine.zero_stage == 3:
+                blob = self.engine.state_dict_blob()
+                ref = ray.put(blob) if self.lead else None
         else:
-            ref = ray.put(self.engine.state_dict_blob()) if version != self._published \
-                else self._published_ref
-        ray.get(self.store.publish.remote(version, [ref] if ref is not None else [], steps))
+            ref = self._published_ref
+        if self.lead:
+            ray.get(self.store.publish.remote(version, [ref] if ref is not None else [], steps))
+            if self.r is not None:
+                self.r.set(JobKeys(self.job_id).version, version)
         self._published_ref, self._published_steps = ref, steps
-        if self.r is not None:
-            self.r.set(JobKeys(self.job_id).version, version)
         self._published = version
         return version
 
@@ -139,6 +191,8 @@ class LearnerWorker:
         """Open an NCCL weight-sync group with each rollout engine (weight_sync nccl)."""
         from learner.weight_sync import NcclWeightPusher, nccl_available
 
+        if not self.lead:  # rank 0 alone sends (every rank holds the full weights, ZeRO<=2)
+            return "nccl"
         if not nccl_available(str(self.engine.device)):
             raise RuntimeError(f"learner.weight_sync nccl: the learner runs on "
                                f"{self.engine.device}, NCCL needs a CUDA device")
@@ -162,6 +216,7 @@ class LearnerWorker:
         import json
 
         from learner.batch import collate_examples
+        from learner.shard import example_tokens, split_balanced
         from nebula.algo import algorithm
 
         algo = algorithm(stage, self.cfg)
@@ -176,7 +231,7 @@ class LearnerWorker:
         t0 = time.monotonic()
         algo.prepare(examples, self.engine.sequence_logprobs)
         prepared = [e.ref_logprob_sums for e in examples]
-        if any(r is not None for r in prepared) and not cache.is_file():
+        if any(r is not None for r in prepared) and not cache.is_file() and self.lead:
             cache.parent.mkdir(parents=True, exist_ok=True)
             tmp = cache.with_suffix(".tmp")
             tmp.write_text(json.dumps(prepared))
@@ -198,16 +253,19 @@ class LearnerWorker:
             idx, order = order[:size], order[size:]
             if step < start_step:  # resumed: replay the data order up to the checkpoint
                 continue
-            if self._preempt.is_set():
+            if self._share(self._preempt.is_set()):  # rank 0's decision, on every rank
                 return self._preempted(name, stage_index, step, None)
             self.engine.set_lr(cosine_lr(algo.lr, step, steps))
             t0 = time.monotonic()
-            batch = collate_examples([examples[i] for i in idx], self.engine.pad_id)
-            m = self.engine.step(batch, algo, examples=len(idx))
+            share = split_balanced([example_tokens(examples[i]) for i in idx],
+                                   self.world_size)[self.rank]
+            mine = [examples[idx[k]] for k in share]
+            batch = collate_examples(mine or [examples[idx[0]]], self.engine.pad_id)
+            m = self.engine.step(batch, algo, examples=len(mine), filler=not mine)
             m["step_time_s"] = time.monotonic() - t0
             maybe_crash(f"{self.fault_name}.after_offline_step")
             self.global_step += 1
-            self.metrics.log(self.global_step, name, m)
+            self._log(self.global_step, name, m)
             self.status = {"stage": name, "step": step + 1, "total": steps, **m}
             last = m
             if ck.interval and (step + 1) % ck.interval == 0 and step + 1 < steps:
@@ -228,6 +286,7 @@ class LearnerWorker:
         resume, or the restored checkpoint's step after a learner restart: the groups trained
         since that checkpoint were never acknowledged, so they are read again and replayed)."""
         from learner.batch import collate
+        from learner.shard import group_tokens, split_balanced
         from nebula.algo import algorithm, informative
         from nebula.transport.stream import RedisTrajectoryStream
 
@@ -236,13 +295,15 @@ class LearnerWorker:
         st = algo.stage
         G = self.cfg.learner.groups_per_step
         keys = JobKeys(keys_id)
-        stream = self._stream = RedisTrajectoryStream(self.redis_url, keys.stream)
-        self._acked_key = keys.acked_steps
-        pacer = StalenessPacer(self.redis_url, keys, self.cfg.async_.max_staleness, G)
+        stream = pacer = None
+        if self.lead:
+            stream = self._stream = RedisTrajectoryStream(self.redis_url, keys.stream)
+            self._acked_key = keys.acked_steps
+            pacer = StalenessPacer(self.redis_url, keys, self.cfg.async_.max_staleness, G)
         name = f"{st.type}{stage_index}"
         lc = self.cfg.learner
         self.engine.set_lr(lc.lr)
-        start = pacer.steps_done()
+        start = self._share(pacer.steps_done() if pacer else None)
         t_pub = time.monotonic()
         self.publish(steps=start)  # the stage's starting weights, step-stamped
         setup = {"publish_s": time.monotonic() - t_pub, "setup_s": time.monotonic() - t_stage0}
@@ -256,37 +317,35 @@ class LearnerWorker:
         first_group_s: float | None = None
         for step in range(start, st.steps):
             self.status = {"stage": name, "step": step, "total": st.steps}
-            if self._preempt.is_set():
-                return self._preempted(name, stage_index, step, tickets_trained)
             if lc.lr_schedule == "cosine":
                 self.engine.set_lr(cosine_lr(lc.lr, step, st.steps, warmup_frac=0.0))
-            want = set(range(step * G, (step + 1) * G))
-            t_wait, waited_log = time.monotonic(), time.monotonic()
-            while not want <= buffered.keys():
-                for d in stream.read("learner-0", 4 * G, block_ms=500):
-                    self._take(d, step * G, buffered, stream)
-                if self.r.exists(keys.stop):
-                    return {"stage": name, "stopped_at": step}
-                if self._preempt.is_set():
-                    return self._preempted(name, stage_index, step, tickets_trained)
-                if time.monotonic() - waited_log > 60:  # never a silent wait
-                    waited_log = time.monotonic()
-                    log.warning("%s step %d: waiting %.0fs for tickets %s from the rollout "
-                                "workers", name, step, waited_log - t_wait,
-                                sorted(want - buffered.keys())[:8])
+            t_wait = time.monotonic()
+            deliveries: list[Any] = []
+            while True:  # rank 0 waits for the step's groups; the others wait on rank 0
+                if self.lead:
+                    action, deliveries = self._next_groups(name, step, stream, buffered, keys)
+                    groups = [d.group for d in deliveries]
+                action, groups = self._share((action, groups) if self.lead else None)
+                if action != "wait":
+                    break
+            if action == "stop":
+                return {"stage": name, "stopped_at": step}
+            if action == "preempt":
+                return self._preempted(name, stage_index, step, tickets_trained)
             if first_group_s is None:
                 first_group_s = time.monotonic() - t_stage
-            deliveries = [buffered.pop(t) for t in sorted(want)]
-            groups = [d.group for d in deliveries]
             tickets_trained += [g.ticket for g in groups]
             wait_s = time.monotonic() - t_wait
             before = self.engine.version
             t0 = time.monotonic()
             useful = [g for g in groups if informative(g)]
             trained = useful if self.cfg.learner.skip_uniform_groups else groups
-            if trained:
-                m = self.engine.step(collate(trained, self.engine.pad_id), algo,
-                                     examples=len(trained))
+            if trained:  # this rank's share; a rank without one keeps the collectives going
+                share = split_balanced([group_tokens(g) for g in trained],
+                                       self.world_size)[self.rank]
+                mine = [trained[k] for k in share]
+                m = self.engine.step(collate(mine or trained[:1], self.engine.pad_id), algo,
+                                     examples=len(mine), filler=not mine)
             else:  # nothing to learn from: no optimizer step, but the groups are consumed
                 m = {"step_applied": 0.0}
             m["groups_trained"] = len(trained)
@@ -295,7 +354,8 @@ class LearnerWorker:
             if (step + 1) % self.cfg.learner.publish_every == 0 or step + 1 == st.steps:
                 self.publish(steps=step + 1)
             publish_s = time.monotonic() - t0 - step_s
-            pacer.step_published(step + 1)
+            if pacer is not None:
+                pacer.step_published(step + 1)
             self._unacked += [d.entry_id for d in deliveries]
             samples = [s for g in groups for s in g.samples]
             rewards = [s.reward for s in samples]
@@ -328,11 +388,11 @@ class LearnerWorker:
                 "step_time_s": step_s, "wait_time_s": wait_s, "publish_time_s": publish_s,
                 "samples_per_s": samples_total / (time.monotonic() - t_stage),
                 "policy_version": self.engine.version, "lr": self.engine.lr,
-                "stream_entries": stream.length(),
+                "stream_entries": stream.length() if stream else 0,
             })
             self.global_step += 1
             t_log = time.monotonic()
-            self.metrics.log(self.global_step, name, m)
+            self._log(self.global_step, name, m)
             m["log_time_s"] = time.monotonic() - t_log
             self.status = {"stage": name, "step": step + 1, "total": st.steps, **m}
             errors.append((len(bad), len(samples)))
@@ -350,9 +410,34 @@ class LearnerWorker:
                 "samples": samples_total, "wall_s": time.monotonic() - t_stage,
                 "tickets_trained": ticket_ranges(tickets_trained),
                 "tickets_trained_n": len(tickets_trained), "first_batch_s": first_group_s,
-                "stream_entries_end": stream.length(), "stream_pending_end": stream.pending(),
+                "stream_entries_end": stream.length() if stream else 0,
+                "stream_pending_end": stream.pending() if stream else 0,
                 "replayed": self.replayed,
                 **setup}
+
+    def _next_groups(self, name: str, step: int, stream: Any, buffered: dict[int, Any],
+                     keys: JobKeys) -> tuple[str, list[Any]]:
+        """Rank 0: ("train", the deliveries of step's tickets), ("stop"|"preempt", []), or
+        ("wait", []) after a minute without them (logged: never a silent wait; and the other
+        ranks, blocked on this answer, hear from rank 0 well within their collective
+        timeout)."""
+        G = self.cfg.learner.groups_per_step
+        want = set(range(step * G, (step + 1) * G))
+        t_wait = time.monotonic()
+        while not want <= buffered.keys():
+            if self._preempt.is_set():
+                return "preempt", []
+            for d in stream.read("learner-0", 4 * G, block_ms=500):
+                self._take(d, step * G, buffered, stream)
+            if self.r.exists(keys.stop):
+                return "stop", []
+            if time.monotonic() - t_wait > 60:
+                log.warning("%s step %d: waiting for tickets %s from the rollout workers",
+                            name, step, sorted(want - buffered.keys())[:8])
+                return "wait", []
+        if self._preempt.is_set():
+            return "preempt", []
+        return "train", [buffered.pop(t) for t in sorted(want)]
 
     def _take(self, d: Any, first_untrained: int, buffered: dict[int, Any], stream: Any
               ) -> None:
@@ -422,7 +507,7 @@ class LearnerWorker:
                  "version": self.engine.version, "tag": tag}
         self.engine.save_checkpoint(str(path), {**(extra or {}), **where},
                                     manifest={"job": self._fingerprint, **where})
-        if self._stream is not None and self._unacked:
+        if self._stream is not None and self._unacked:  # rank 0
             # The checkpoint holds these groups' effect now: acknowledge them, and drop from
             # the stream every entry acknowledged so far (pending ones stay).
             self._stream.ack(self._unacked)
@@ -430,9 +515,10 @@ class LearnerWorker:
             if not stage_done:  # a finished stage's last groups stay readable (bounded:
                 self._stream.trim()  # one checkpoint interval); mid-stage, drop the trained
             self.r.set(self._acked_key, stage_step)
-        from nebula.checkpoints import prune
+        if self.lead:
+            from nebula.checkpoints import prune
 
-        prune(ck.dir, ck.keep, log.warning)
+            prune(ck.dir, ck.keep, log.warning)
         return str(path)
 
     def restore(self, path: str | None, in_job: bool = False) -> dict[str, Any]:
@@ -465,4 +551,5 @@ class LearnerWorker:
         return {**self.status, "pid": os.getpid()}
 
     def close(self) -> None:
-        self.metrics.close()
+        if self.metrics is not None:
+            self.metrics.close()

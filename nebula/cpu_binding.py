@@ -12,7 +12,12 @@ if TYPE_CHECKING:  # pragma: no cover
 
 
 def cpus_needed(cfg: JobConfig) -> int:
-    return int(1 + cfg.rollout.workers * cfg.rollout.num_cpus + 0.999)
+    """Logical CPUs a local Ray must offer for the job's actors (`nebula.resources`)."""
+    import math
+
+    from nebula.resources import job_resources
+
+    return math.ceil(job_resources(cfg)["CPU"] - 1e-9)
 
 
 def cpu_binding(cfg: JobConfig) -> dict[str, str] | None:

@@ -29,17 +29,6 @@ from nebula.config.job import JobConfig
 ProgressFn = Callable[[dict[str, Any]], None]
 
 
-def _wait(ref: Any, poll: Callable[[], None] | None, every_s: float = 1.0) -> Any:
-    import ray
-
-    while True:
-        ready, _ = ray.wait([ref], timeout=every_s)
-        if ready:
-            return ray.get(ref)
-        if poll:
-            poll()
-
-
 MAX_ROLLOUT_RAISES = 3  # a rollout loop that raises this often in one stage fails the job
 
 
@@ -50,6 +39,13 @@ def _env(env_vars: dict[str, str] | None) -> dict[str, Any] | None:
     if os.environ.get(ENV):  # a fault drill reaches the actors it names
         env[ENV] = os.environ[ENV]
     return {"env_vars": env} if env else None
+
+
+def _node_id(_: Any) -> str:
+    """The Ray node an actor runs on (called inside it through `__ray_call__`)."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id()
 
 
 class JobRunner:
@@ -65,6 +61,8 @@ class JobRunner:
         # Called after each RL stage with (stage index, result, rollout actors); benchmarks
         # use it to measure the bare engines in the same run.
         self.on_grpo_end: Callable[[int, dict[str, Any], list[Any]], None] | None = None
+        # SIGKILLs a supervised service of the embedded default by name (fault drills).
+        self._kill_service: Callable[[str], None] | None = None
 
     def run(self) -> dict[str, Any]:
         from services.embedded import embedded_stack
@@ -87,6 +85,7 @@ class JobRunner:
         t_job = time.monotonic()
         with embedded_stack(self.cfg, self.out / "services") as stack:
             self.summary["redis_url"] = stack["redis_url"]
+            self._kill_service = stack.get("kill")
             self._check_teachers(stack.get("teacher_address"))
             self._run_stages(stack)
         self.summary["wall_s"] = time.monotonic() - t_job
@@ -111,6 +110,17 @@ class JobRunner:
             raise ValueError(f"rollout.max_tokens: {cfg.rollout.max_tokens} completion tokens "
                              f"leave no room for a prompt in the model's {ctx}-token context "
                              "(model.max_model_len)")
+        tp = cfg.rollout.tensor_parallel_size
+        if tp > 1:
+            from transformers import AutoConfig
+
+            mc = AutoConfig.from_pretrained(cfg.model.path)
+            heads = [getattr(mc, "num_attention_heads", 0),
+                     getattr(mc, "num_key_value_heads", None) or 0]
+            if any(h % tp for h in heads if h):
+                raise ValueError(f"rollout.tensor_parallel_size: {tp} does not divide the "
+                                 f"model's attention heads ({heads[0]}) and KV heads "
+                                 f"({heads[1]}) of {cfg.model.path}")
         tok = AutoTokenizer.from_pretrained(cfg.model.path)
         train = [r for d in cfg.datasets.train for r in load_prompt_rows(d, tok, budget)]
         if cfg.datasets.eval is not None:
@@ -143,12 +153,16 @@ class JobRunner:
     def _actors(self, stack: dict[str, Any]) -> tuple[Any, Any, list[Any]]:
         import ray
 
-        from learner.worker import LearnerWorker
         from rollout.weight_store import WeightStore
         from rollout.worker import RolloutWorker
 
         from nebula.cpu_binding import cpu_binding
+        from nebula.resources import check_capacity, job_resources
+        from services.learner_group import LearnerGroup
 
+        # More than the cluster has fails now, with the numbers, not as a placement that
+        # waits forever in Ray's scheduler.
+        check_capacity(job_resources(self.cfg), ray.cluster_resources(), "the Ray cluster")
         job = self.cfg.model_dump(by_alias=True)
         rc = self.cfg.rollout
         bind = cpu_binding(self.cfg)
@@ -157,13 +171,17 @@ class JobRunner:
         store = ray.remote(WeightStore).options(num_cpus=0).remote()
         self._learner_args = (job, self.job_id, stack["redis_url"], store)
         self._learner_options = dict(
-            num_cpus=1, max_concurrency=4,
+            max_concurrency=4,
             runtime_env=_env({**MALLOC_ENV, **({"NEBULA_CPU_BIND": bind["learner"]}
                                               if bind else {})}))
-        learner = ray.remote(LearnerWorker).options(
-            name=f"{self.job_id}-learner", **self._learner_options).remote(*self._learner_args)
+        learner = LearnerGroup(self.cfg, self._learner_args, self._learner_options,
+                               f"{self.job_id}-learner")
+        if self.cfg.learner.ranks > 1:
+            self.log(f"learner: {self.cfg.learner.ranks} data-parallel ranks "
+                     f"(ZeRO-{self.cfg.learner.zero_stage})")
         rollouts = [ray.remote(RolloutWorker).options(
-            num_cpus=rc.num_cpus, num_gpus=rc.num_gpus, max_concurrency=4,
+            num_cpus=rc.num_cpus, num_gpus=rc.num_gpus, resources=rc.resources or None,
+            max_concurrency=4,
             max_restarts=3, max_task_retries=3, name=f"{self.job_id}-rollout-{i}",
             runtime_env=_env(bind and {"NEBULA_CPU_BIND": bind["rollout"],
                                        "NEBULA_HOST_CPU_BIND": bind["learner"]}),
@@ -171,30 +189,26 @@ class JobRunner:
                  stack.get("teacher_address"))
             for i in range(rc.workers)]
         self.learner, self.rollouts = learner, rollouts
+        self.summary["learner_ranks"] = self.cfg.learner.ranks
+        self.summary["placement"] = {  # the Ray node of each actor
+            "learner": learner.nodes(),
+            "rollout": ray.get([w.__ray_call__.remote(_node_id) for w in rollouts])}
         if self.cfg.weight_sync_mode() == "nccl":
-            ray.get(learner.attach_rollouts.remote(rollouts))
+            learner.call("attach_rollouts", rollouts)
             self.log("weight sync: NCCL broadcast from the learner into each engine")
         return store, learner, rollouts
 
     # -- recovery ----------------------------------------------------------------------------
 
     def _learner_dead(self) -> bool:
-        import ray
-
-        try:
-            ray.get(self.learner.get_status.remote(), timeout=60)
-            return False
-        except ray.exceptions.RayActorError:
-            return True
+        return self.learner.dead()
 
     def _restart_learner(self, err: BaseException, stage: int) -> dict[str, Any]:
         """A dead learner: a new one (after `recovery.backoff_s`, doubled each time) restored
         from the newest intact checkpoint; returns where that checkpoint left the job. A job
         past `recovery.max_restarts` fails with the cause of every restart."""
-        import ray
-
-        from learner.worker import LearnerWorker
         from nebula.checkpoints import newest_valid
+        from services.learner_group import LearnerGroup
 
         rc = self.cfg.recovery
         cause = f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"
@@ -208,20 +222,17 @@ class JobRunner:
         wait = rc.backoff_s * 2 ** (len(restarts) - 1)
         self.log(f"learner died in stage {stage} ({cause}); restart {len(restarts)} of "
                  f"{rc.max_restarts} in {wait:.0f}s from the newest checkpoint")
-        try:
-            ray.kill(self.learner)
-        except Exception:  # noqa: BLE001 - it is dead already
-            pass
+        self.learner.kill()  # every rank: the survivors are stuck in collectives
         time.sleep(wait)
         assert self.cfg.checkpoint is not None and self.cfg.checkpoint.dir is not None
         ckpt = newest_valid(self.cfg.checkpoint.dir, log=self.log)
         path = str(ckpt) if ckpt else self.resume_path
-        self.learner = ray.remote(LearnerWorker).options(
-            name=f"{self.job_id}-learner-r{len(restarts)}", **self._learner_options
-        ).remote(*self._learner_args, incarnation=len(restarts))
-        state = ray.get(self.learner.restore.remote(path, True))
+        self.learner = LearnerGroup(self.cfg, self._learner_args, self._learner_options,
+                                    f"{self.job_id}-learner-r{len(restarts)}",
+                                    incarnation=len(restarts))
+        state = self.learner.call("restore", path, True)
         if self.cfg.weight_sync_mode() == "nccl":
-            ray.get(self.learner.attach_rollouts.remote(self.rollouts))
+            self.learner.call("attach_rollouts", self.rollouts)
         restarts[-1].update(checkpoint=path, version=state.get("version"))
         where = (int(state.get("stage_index", 0)), int(state.get("stage_step", 0)))
         if state.get("stage_done"):
@@ -238,15 +249,16 @@ class JobRunner:
         `recovery.preemption_grace_s`, so a resume loses nothing."""
         import ray
 
-        ref = getattr(self, "_stage_ref", None)
-        if ref is None:
+        refs = getattr(self, "_stage_ref", None)
+        if refs is None:
             return
         self.log(f"preempted ({type(why).__name__}); checkpointing the current step")
         try:
-            self.learner.preempt.remote()
-            ready, _ = ray.wait([ref], timeout=self.cfg.recovery.preemption_grace_s)
-            if ready:
-                res = ray.get(ready[0])
+            self.learner.preempt()
+            ready, _ = ray.wait(refs, num_returns=len(refs),
+                                timeout=self.cfg.recovery.preemption_grace_s)
+            if len(ready) == len(refs):
+                res = ray.get(refs[0])
                 self.summary["preempted"] = res
                 self.log(f"checkpoint {res.get('checkpoint')} written; `nebula resume` goes on "
                          "from it")
@@ -261,15 +273,20 @@ class JobRunner:
 
         def poll() -> None:
             try:
-                status = ray.get(learner.get_status.remote(), timeout=5)
+                status = ray.get(learner.lead.get_status.remote(), timeout=5)
             except Exception:  # noqa: BLE001 - progress is best effort
                 return
             if self.progress:
                 self.progress(status)
             if extra:
                 extra(status)
-            if faults.reached("driver.sigterm_at_step", int(status.get("step") or 0)):
+            step = int(status.get("step") or 0)
+            if faults.reached("driver.sigterm_at_step", step):
                 os.kill(os.getpid(), signal.SIGTERM)  # a preemption drill, at a known step
+            for svc in ("redis", "verifier", "teacher"):  # chaos drills: a service dies
+                if faults.reached(f"driver.kill_{svc}_at_step", step) and self._kill_service:
+                    self.log(f"fault drill: killing the {svc} service at learner step {step}")
+                    self._kill_service(svc)
         return poll
 
     # -- evaluation --------------------------------------------------------------------------
@@ -329,11 +346,9 @@ class JobRunner:
     def _resume_point(self, learner: Any) -> tuple[int, int]:
         """(first stage to run, learner steps of it already done) after restoring
         `resume_from`; (0, 0) for a fresh job."""
-        import ray
-
         if not self.cfg.resume_from:
             return 0, 0
-        state = ray.get(learner.restore.remote(self.resume_path))
+        state = learner.call("restore", self.resume_path)
         stage, step = int(state.get("stage_index", 0)), int(state.get("stage_step", 0))
         if state.get("stage_done"):
             stage, step = stage + 1, 0
@@ -348,34 +363,34 @@ class JobRunner:
                    rollouts: list[Any], replay: bool) -> dict[str, Any]:
         """Stage i from learner step s0; replay: the learner was restarted in it (no 'before'
         evaluation again; an RL stage reads its stream again)."""
-        import ray
-
         algo = algorithm(stage, self.cfg)
         if algo.online:
-            return self._run_rl(i, stage, s0, stack, self.learner, rollouts, replay)
+            return self._run_rl(i, stage, s0, stack, rollouts, replay)
         measured = algo.measured and self.cfg.datasets.eval is not None
         if measured and not replay:
-            ray.get(self.learner.publish.remote())
+            self.learner.call("publish")
             self._evaluate(rollouts, f"before stage {i} ({stage.type})")
         self.log(f"stage {i}: {stage.type}, {stage.steps} steps"
                  + (f" from step {s0}" if s0 else ""))
-        res = self._wait_stage(self.learner.run_offline.remote(i, stage.model_dump(), s0),
+        res = self._wait_stage(self.learner.submit("run_offline", i, stage.model_dump(), s0),
                                self._poll(self.learner))
-        ray.get(self.learner.publish.remote())
+        self.learner.call("publish")
         if measured:
             self._evaluate(rollouts, f"after stage {i} ({stage.type})")
         return res
 
-    def _wait_stage(self, ref: Any, poll: Callable[[], None]) -> Any:
-        self._stage_ref = ref  # what a preemption waits for
-        res = _wait(ref, poll)
+    def _wait_stage(self, refs: list[Any], poll: Callable[[], None]) -> Any:
+        """Rank 0's result of a stage call running on every learner rank."""
+        from services.learner_group import wait_all
+
+        self._stage_ref = refs  # what a preemption waits for
+        res = wait_all(refs, poll)
         self._stage_ref = None
         return res
 
-    def _run_rl(self, i: int, stage: Any, start: int, stack: dict[str, Any], learner: Any,
+    def _run_rl(self, i: int, stage: Any, start: int, stack: dict[str, Any],
                 rollouts: list[Any], replay: bool = False) -> dict[str, Any]:
         import ray
-        import redis
 
         from nebula.transport.pacing import JobKeys
 
@@ -394,7 +409,7 @@ class JobRunner:
             self.log(f"stage {i}: {stage.type} goes on from step {start} with the groups "
                      "trained since the checkpoint replayed")
         else:
-            version = ray.get(self.learner.publish.remote())
+            version = self.learner.call("publish")
             ray.get([w.pid.remote() for w in rollouts])  # engines up before timing
             evals = self.summary["evals"]
             if not replay and not (evals and evals[-1]["version"] == version):
@@ -455,7 +470,7 @@ class JobRunner:
                                       stage_elapsed_s=p[1] - t_stage,
                                       eval_s=time.monotonic() - p[1])
 
-        res = self._wait_stage(self.learner.run_rl.remote(i, stage.model_dump(), keys_id),
+        res = self._wait_stage(self.learner.submit("run_rl", i, stage.model_dump(), keys_id),
                                self._poll(self.learner, periodic))
         if "preempted_at" in res:
             return res
@@ -511,7 +526,7 @@ class JobRunner:
                 # the end.
                 self._evaluate(self.rollouts, f"after stage {len(self.cfg.stages) - 1} "
                                f"({self.cfg.stages[-1].type})")
-            export = ray.get(self.learner.export.remote())
+            export = self.learner.call("export")
             self.summary["export"] = export
             self.log(f"exported Hugging Face checkpoint to {export}")
         except (KeyboardInterrupt, SystemExit) as e:
@@ -522,7 +537,8 @@ class JobRunner:
                 self._preempt(e)
             raise
         finally:
-            for a in [self.learner, *self.rollouts]:
+            self.learner.kill()
+            for a in self.rollouts:
                 try:
                     ray.kill(a)
                 except Exception:  # noqa: BLE001

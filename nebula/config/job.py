@@ -93,7 +93,17 @@ class RolloutConfig(Strict):
         "mismatch through its importance weights.")
     kv_cache_gb: float = Field(1.0, gt=0, description="vLLM CPU KV cache (VLLM_CPU_KVCACHE_SPACE).")
     num_cpus: float = Field(1.0, gt=0, description="CPUs Ray reserves per rollout actor.")
-    num_gpus: float = Field(0.0, ge=0, description="GPUs Ray reserves per rollout actor.")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs Ray reserves per rollout actor (at "
+                            "least `tensor_parallel_size` when > 0).")
+    resources: dict[str, float] = Field(
+        default_factory=dict, description="Custom Ray resources per rollout actor: a pool's "
+        "node label (`{rollout_pool: 1}`) places the engines on the nodes offering it.")
+    tensor_parallel_size: int = Field(1, gt=0, description="GPUs one vLLM engine shards the "
+                                      "model over; must divide the model's attention heads.")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="Share of each GPU "
+                                          "vLLM may use (weights + KV cache); GPU only.")
+    enforce_eager: bool | None = Field(None, description="vLLM without CUDA graphs; default: "
+                                       "on for CPU (vllm-cpu), off on GPU.")
     environment: EnvironmentConfig = Field(
         default_factory=EnvironmentConfig, description="What answers the model between its "
         "turns (tools, ...); default single_turn: one answer, scored by the verifier.")
@@ -147,6 +157,17 @@ class LearnerConfig(Strict):
         True, description="Leave groups whose rewards are all equal (zero advantage) out of the "
         "loss normalisation; they are still consumed, acknowledged and counted in metrics.")
     seed: int = Field(0, description="Seed of data order and init.")
+    ranks: int = Field(1, gt=0, description="Data-parallel ranks (Ray actors in one placement "
+                       "group, one DeepSpeed process each; one per GPU on GPU). Each step's "
+                       "groups are split across them, balanced by tokens.")
+    num_cpus_per_rank: float = Field(1.0, gt=0, description="CPUs Ray reserves per rank.")
+    num_gpus_per_rank: float = Field(0.0, ge=0, description="GPUs Ray reserves per rank (Ray "
+                                     "hides CUDA from a rank that asks for none).")
+    resources_per_rank: dict[str, float] = Field(
+        default_factory=dict, description="Custom Ray resources per rank, e.g. a node label "
+        "`{node_gpu_a: 1}` that pins the learner to the nodes offering it.")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="How Ray places the ranks' placement-group bundles over nodes.")
 
 
 class AsyncConfig(Strict):
@@ -250,6 +271,17 @@ class JobConfig(Strict):
                                                    or self.rollout.num_gpus <= 0):
             raise ValueError("learner.weight_sync: nccl needs rollout.engine vllm on GPUs "
                              "(rollout.num_gpus > 0)")
+        if self.weight_sync_mode() == "nccl" and self.learner.ranks > 1 \
+                and self.learner.zero_stage == 3:
+            raise ValueError("learner.zero_stage: ZeRO-3 with learner.ranks > 1 and NCCL weight "
+                             "sync is not supported (rank 0 sends the full weights it holds); "
+                             "use zero_stage 1/2 or learner.weight_sync object_store")
+        ro = self.rollout
+        if ro.num_gpus > 0 and ro.num_gpus < ro.tensor_parallel_size:
+            raise ValueError(f"rollout.num_gpus: {ro.num_gpus:g} GPUs per worker cannot hold an "
+                             f"engine of rollout.tensor_parallel_size {ro.tensor_parallel_size}")
+        if ro.tensor_parallel_size > 1 and ro.engine != "vllm":
+            raise ValueError("rollout.tensor_parallel_size: > 1 needs rollout.engine vllm")
         return self
 
     def rollout_dtype(self) -> str:

@@ -1,0 +1,59 @@
+"""One data-parallel rank of tests/test_learner_ranks.py: two GRPO optimizer steps of a tiny
+Qwen2 on fixed groups, this rank training its `learner.shard` share (rank/world from the
+environment, gloo). Rank 0 saves each step's metrics and the final full weights."""
+
+from __future__ import annotations
+
+import random
+import sys
+
+import torch
+
+from learner.batch import collate
+from learner.ds_engine import DSLearnerEngine
+from learner.shard import group_tokens, split_balanced
+from nebula.algo.grpo import GRPO, GRPOStage
+from nebula.config.job import LearnerConfig
+from nebula.losses import group_advantages
+from nebula.v1.trajectory_pb2 import TrajectoryGroup
+
+
+def groups(n_groups: int, seed: int) -> list[TrajectoryGroup]:
+    rng = random.Random(seed)
+    out = []
+    for g in range(n_groups):
+        group = TrajectoryGroup(group_id=f"g{g}", prompt_ids=[rng.randrange(3, 90)
+                                                              for _ in range(rng.randint(2, 5))])
+        rewards = [float(rng.random() < 0.5) for _ in range(3)] + [float(g % 2)]
+        for r, a in zip(rewards, group_advantages(rewards)):
+            c = rng.randint(2, 9)
+            group.samples.add(completion_ids=[rng.randrange(3, 90) for _ in range(c)],
+                              behaviour_logprobs=[-rng.uniform(3.0, 6.0) for _ in range(c)],
+                              policy_versions=[0] * c, loss_mask=[1] * c, reward=r,
+                              advantage=a if any(rewards) else 0.5)
+        out.append(group)
+    return out
+
+
+def main(model_dir: str, zero_stage: int, out_path: str) -> None:
+    torch.set_num_threads(1)
+    cfg = LearnerConfig(zero_stage=zero_stage, device="cpu", lr=0.5, micro_batch=3,
+                        grad_clip=100.0)
+    eng = DSLearnerEngine(model_dir, cfg, optimizer=lambda p: torch.optim.SGD(p, lr=0.5))
+    algo = GRPO(GRPOStage())
+    metrics = []
+    # step 1: 6 groups of uneven lengths; step 2: one group, so a second rank has no share
+    for step_groups in (groups(6, 0), groups(1, 1)):
+        share = split_balanced([group_tokens(g) for g in step_groups], eng.world_size)
+        mine = [step_groups[i] for i in share[eng.rank]]
+        filler = not mine
+        batch = collate(mine or step_groups[:1], eng.pad_id)
+        metrics.append(eng.step(batch, algo, examples=len(mine), filler=filler))
+    weights = eng.full_state_dict()
+    if eng.rank == 0:
+        torch.save({"metrics": metrics, "weights": weights}, out_path)
+    eng.close(destroy_process_group=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], int(sys.argv[2]), sys.argv[3])
