@@ -35,7 +35,7 @@ def groups(n_groups: int, seed: int) -> list[TrajectoryGroup]:
     return out
 
 
-def main(model_dir: str, zero_stage: int, out_path: str) -> None:
+def main(model_dir: str, zero_stage: int, out_path: str, ckpt_dir: str) -> None:
     torch.set_num_threads(1)
     cfg = LearnerConfig(zero_stage=zero_stage, device="cpu", lr=0.5, micro_batch=3,
                         grad_clip=100.0)
@@ -50,10 +50,26 @@ def main(model_dir: str, zero_stage: int, out_path: str) -> None:
         batch = collate(mine or step_groups[:1], eng.pad_id)
         metrics.append(eng.step(batch, algo, examples=len(mine), filler=filler))
     weights = eng.full_state_dict()
-    if eng.rank == 0:
-        torch.save({"metrics": metrics, "weights": weights}, out_path)
-    eng.close(destroy_process_group=True)
+    # A checkpoint of the group (each rank its ZeRO partitions), then a third step; a fresh
+    # engine restored from the checkpoint takes the same third step.
+    eng.save_checkpoint(ckpt_dir, {"step": 2}, manifest={"test": True})
+    third = groups(3, 2)
+
+    def step3(engine: DSLearnerEngine) -> dict:
+        share = split_balanced([group_tokens(g) for g in third], engine.world_size)
+        mine = [third[i] for i in share[engine.rank]]
+        return engine.step(collate(mine, engine.pad_id), algo, examples=len(mine))
+
+    after = step3(eng)
+    eng.close()
+    fresh = DSLearnerEngine(model_dir, cfg, optimizer=lambda p: torch.optim.SGD(p, lr=0.5))
+    restored = fresh.load_checkpoint(ckpt_dir)
+    again = step3(fresh)
+    if fresh.rank == 0:
+        torch.save({"metrics": metrics, "weights": weights, "restored": restored,
+                    "after": after, "again": again}, out_path)
+    fresh.close(destroy_process_group=True)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), sys.argv[3])
+    main(sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4])

@@ -1,6 +1,7 @@
 """The learner across data-parallel ranks (gloo on CPU): on fixed batches, 2 ranks (ZeRO-2 and
 ZeRO-3) give the 1-rank run's loss, gradient norm and updated weights, including a step
-where one rank has no share of the groups (`learner.shard`)."""
+where one rank has no share of the groups (`learner.shard`); the group's checkpoint restores
+into fresh engines that take the same next step."""
 
 from __future__ import annotations
 
@@ -45,7 +46,8 @@ def _run(model_dir: str, zero: int, world: int, out: Path) -> dict[str, Any]:
                "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
                "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}", "OMP_NUM_THREADS": "1"}
         procs.append(subprocess.Popen([sys.executable, str(ROOT / "tests" / "ranks_worker.py"),
-                                       model_dir, str(zero), str(out)], env=env,
+                                       model_dir, str(zero), str(out),
+                                       str(out.with_suffix(".ckpt"))], env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     logs = []
     for p in procs:
@@ -77,3 +79,9 @@ def test_two_ranks_equal_one_rank(model_dir: str, zero: int, tmp_path: Path) -> 
 
     init = load_file(str(Path(model_dir) / "model.safetensors"))
     assert any(not torch.equal(init[n], w) for n, w in one["weights"].items() if n in init)
+    # The group's checkpoint (ZeRO partitions of both ranks) restores into fresh engines that
+    # take the same next step as the engines that wrote it.
+    assert two["restored"] == {"step": 2}
+    for key in ("loss", "grad_norm", "version"):
+        assert two["again"][key] == pytest.approx(two["after"][key], rel=1e-6), key
+        assert two["after"][key] == pytest.approx(one["after"][key], rel=RTOL), key
