@@ -1,4 +1,4 @@
-# CPU image for all Nebula roles (k8s/ uses nebula-rl:0.1.0).
+# CPU image for all Nebula roles (k8s/ uses it as nebula-rl:latest; the gpu overlay needs one built with the gpu extra).
 FROM python:3.11-slim
 RUN apt-get update && apt-get install -y --no-install-recommends bubblewrap redis-server make \
     && rm -rf /var/lib/apt/lists/*

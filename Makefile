@@ -34,6 +34,8 @@ bench: $(STAMP)
 	$(PY) bench/multiturn.py
 	$(PY) bench/data.py
 	$(PY) bench/soak.py
+	$(PY) bench/scale.py
+	$(PY) bench/chaos.py
 
 proto: $(STAMP)
 	$(PY) -m nebula.protogen

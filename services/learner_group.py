@@ -75,8 +75,8 @@ class LearnerGroup:
         for a in self.actors:
             try:
                 ray.get(a.get_status.remote(), timeout=60)
-            except ray.exceptions.RayActorError:
-                return True
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                return True  # gone, or too stuck to answer: replaced either way
         return False
 
     def nodes(self) -> list[str]:

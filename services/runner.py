@@ -503,7 +503,10 @@ class JobRunner:
                 t0 = time.monotonic()
                 try:
                     res = self._run_stage(i, stage, s0, stack, rollouts, replay)
-                except ray.exceptions.RayActorError as e:
+                except ray.exceptions.RayError as e:
+                    # A rank that died (RayActorError), or a survivor whose collective broke
+                    # with it (RayTaskError): restart when a rank is gone; anything else
+                    # (the learner raised) fails the job.
                     if not self._learner_dead():
                         raise
                     where = self._restart_learner(e, i)

@@ -124,3 +124,25 @@ def test_more_than_the_cluster_has_fails_with_the_numbers(tmp_path: Path) -> Non
     with pytest.raises(InsufficientResources, match=r"GPU: asked 2, the Ray cluster has 0"):
         _run(cfg, "too-big")
     assert not (Path(cfg.output_dir) / "checkpoints").exists()
+
+
+def test_a_dead_rank_fails_the_step_and_the_group_restarts(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rank 1 of a 2-rank learner dies after its 3rd GRPO step (checkpoint at step 2): the
+    step fails (rank 0 is left in a collective with a dead peer), the runner replaces the
+    whole group from the checkpoint, and the groups trained since it are replayed, so every
+    ticket is trained exactly once in the final weights' lineage."""
+    from test_e2e import toy_config
+    from test_recovery import no_eval_data
+
+    monkeypatch.setenv("NEBULA_FAULTS", "learner-rank1.after_step@3")
+    cfg = toy_config(tmp_path, rollout={"engine": "hf"}, datasets=no_eval_data(tmp_path),
+                     stages=[{"type": "grpo", "steps": 5}], learner={"ranks": 2},
+                     checkpoint={"dir": str(tmp_path / "ck"), "interval": 2, "keep": 3},
+                     recovery={"backoff_s": 0})
+    summary = _run(cfg, "two-rank-phoenix")
+    restarts = summary["learner_restarts"]
+    assert [(r["stage"], r["resume_stage"], r["resume_step"]) for r in restarts] == [(0, 0, 2)]
+    grpo = summary["stages"][0]
+    assert grpo["tickets_trained"] == [[0, 5 * 4]] and grpo["tickets_trained_n"] == 5 * 4
+    assert grpo["replayed"] >= 4
