@@ -167,7 +167,7 @@ class LearnerWorker:
         version = self.engine.version
         if version == self._published and steps == self._published_steps:
             return version
-        ref = None
+        ref, fp = None, None
         if self.pusher is not None:  # GPU: broadcast into the engines; no blob to fetch
             if version != self._published:
                 self.pusher.push(version)
@@ -176,18 +176,23 @@ class LearnerWorker:
             # gathering them.
             if self.lead or self.engine.zero_stage == 3:
                 blob = self.engine.state_dict_blob()
-                ref = ray.put(blob) if self.lead else None
+                if self.lead:
+                    from nebula.weight_check import blob_fingerprint
+
+                    # the engines check what they fetched against it before loading it
+                    ref, fp = ray.put(blob), blob_fingerprint(blob)
         else:
-            ref = self._published_ref
+            ref = self._published_ref  # re-published: the store keeps its fingerprint
         if self.lead:
-            ray.get(self.store.publish.remote(version, [ref] if ref is not None else [], steps))
+            ray.get(self.store.publish.remote(version, [ref] if ref is not None else [], steps,
+                                              fp))
             if self.r is not None:
                 self.r.set(JobKeys(self.job_id).version, version)
         self._published_ref, self._published_steps = ref, steps
         self._published = version
         return version
 
-    def attach_rollouts(self, rollouts: list[Any], tp_size: int = 1) -> str:
+    def attach_rollouts(self, rollouts: list[Any]) -> str:
         """Open an NCCL weight-sync group with each rollout engine (weight_sync nccl)."""
         from learner.weight_sync import NcclWeightPusher, nccl_available
 
@@ -196,7 +201,7 @@ class LearnerWorker:
         if not nccl_available(str(self.engine.device)):
             raise RuntimeError(f"learner.weight_sync nccl: the learner runs on "
                                f"{self.engine.device}, NCCL needs a CUDA device")
-        self.pusher = NcclWeightPusher(self._gpu_state, rollouts, tp_size)
+        self.pusher = NcclWeightPusher(self._gpu_state, rollouts)
         self._published = -1  # the engines hold the initial checkpoint; push on next publish
         return "nccl"
 

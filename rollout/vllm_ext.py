@@ -65,6 +65,33 @@ class WeightUpdateExtension:
         self._load_tensors(tensors)
         return len(tensors)
 
+    def weights_report(self) -> list[dict]:
+        """`nebula.weight_check.probe_report` of each probe tensor this worker holds: the
+        embedding / LM head over this worker's vocabulary shard (padding rows left out), a
+        norm as it is (replicated across tensor-parallel ranks). A few hundred rows: cheap."""
+        from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
+
+        from nebula.weight_check import PROBE_NAMES, probe_report
+
+        model = self.model_runner.model
+        params = dict(model.named_parameters())
+        modules = dict(model.named_modules())
+        reports = []
+        for name in PROBE_NAMES:
+            param = params.get(name)
+            if param is None or param.is_meta:
+                continue
+            module = modules.get(name.rsplit(".", 1)[0])
+            if isinstance(module, VocabParallelEmbedding) and param.dim() == 2:
+                idx = module.shard_indices
+                rows = idx.org_vocab_end_index - idx.org_vocab_start_index
+                reports.append(probe_report(name, param.data[:rows],
+                                            row_start=idx.org_vocab_start_index,
+                                            rows_total=module.org_vocab_size))
+            elif param.dim() == 1:  # norms: replicated, never fused
+                reports.append(probe_report(name, param.data))
+        return reports
+
     def _load_tensors(self, tensors: dict) -> None:
         from vllm.platforms import current_platform
 

@@ -60,6 +60,13 @@ class RolloutWorker:
 
         self.tokenizer = AutoTokenizer.from_pretrained(self.cfg.model.path)
         self.engine = make_engine(self.cfg, seed=self.cfg.seed + 1000 * index)
+        from rollout.weight_loader import WeightLoader
+
+        self.weights = WeightLoader(weight_store, self.engine, name=self.name)
+        # NCCL updates (GPU): the open update's token and its watchdog (see start_weight_update)
+        self._update_mutex = threading.Lock()
+        self._update: Any = None
+        self._update_timer: threading.Timer | None = None
         from nebula.prompts import context_len
         from rollout.episodes import EpisodeRunner
 
@@ -99,46 +106,111 @@ class RolloutWorker:
         With min_steps, keep the loaded weights while they include at least min_steps
         learner steps of the current stage: the staleness bound only needs that much, and
         every load costs a pause of the engine.
-        """
-        import ray
 
-        if min_steps is not None and self.loaded_steps >= min_steps:
+        Every fetch times out (`NEBULA_WEIGHT_SYNC_TIMEOUT_S`); a blob whose fingerprint is
+        not the published one is refused, and a load the engine does not verifiably hold
+        raises. Each raises `WeightSyncError`, and until a later load is verified the
+        engine is not used (the next sync loads the newest weights again).
+        """
+        if (self.weights.error is None and min_steps is not None
+                and self.loaded_steps >= min_steps):
             return self.engine.version
-        version, ref, steps = ray.get(self.store.latest.remote())
-        if version > self.engine.version and ref:
+        version, ref, steps, fingerprint = self.weights.latest()
+        if ref and (version > self.engine.version or self.weights.error is not None):
             t0 = time.monotonic()
-            blob = ray.get(ref[0])
+            blob = self.weights.fetch(ref[0], version)
             t1 = time.monotonic()
-            self.engine.load_weights(blob, version)
+            self.weights.load(blob, version, fingerprint)
             self.stats["weight_loads"] += 1
             self.stats["weight_fetch_s"] += t1 - t0
             self.stats["weight_load_s"] += time.monotonic() - t0
+        self.weights.check_usable()
         if version == self.engine.version:
             self.loaded_steps = steps
         return self.engine.version
 
     # -- NCCL weight sync (GPU) ---------------------------------------------------------
     # The inference side of vLLM's VLLMWeightSyncClient protocol, driven by the learner's
-    # NcclWeightPusher (learner/weight_sync.py) through RayVLLMWeightSyncClient. The engine
-    # lock is held from start to finish, so no batch samples from half-loaded weights.
+    # NcclWeightPusher (learner/weight_sync.py). The engine lock is held from start to the
+    # verified finish, so no batch samples from half-loaded or unverified weights. A start
+    # whose finish does not come within the sync timeout (learner gone, transfer hung) is
+    # abandoned by a watchdog: the lock is released and the engine marked unusable
+    # (generation raises WeightSyncError) until a later update or load is verified.
+
+    def weight_sync_ranks(self) -> int:
+        """NCCL ranks this worker's engine takes in the learner's weight-sync group (its
+        tensor-parallel workers)."""
+        return int(getattr(self.engine, "tensor_parallel_size", 1))
 
     def init_weight_transfer_engine(self, request: Any) -> None:
-        self.engine.weight_transfer_rpc("init_weight_transfer_engine", request.init_info)
+        from nebula.weight_check import sync_timeout_s
 
-    def start_weight_update(self) -> None:
-        self._engine_lock.acquire()
+        self.engine.weight_transfer_rpc("init_weight_transfer_engine", request.init_info,
+                                        timeout=sync_timeout_s())
+
+    def start_weight_update(self, version: int | None = None) -> None:
+        from nebula.weight_check import WeightSyncError, sync_timeout_s
+
+        timeout = sync_timeout_s()
+        if not self._engine_lock.acquire(timeout=timeout):
+            raise WeightSyncError(f"{self.name}: the engine was busy for {timeout:g} s; "
+                                  f"weight update to version {version} not started")
         try:
-            self.engine.weight_transfer_rpc("start_weight_update")
+            self.engine.weight_transfer_rpc("start_weight_update", timeout=timeout)
         except BaseException:
             self._engine_lock.release()
             raise
+        token = object()
+        self.weights.error = (f"{self.name}: the weight update to version {version} started "
+                              "and was not verified")
+        timer = threading.Timer(timeout, self._abandon_weight_update,
+                                args=(token, version, timeout))
+        timer.daemon = True
+        with self._update_mutex:
+            self._update, self._update_timer = token, timer
+        timer.start()
+
+    def _abandon_weight_update(self, token: Any, version: int | None, timeout: float) -> None:
+        with self._update_mutex:
+            if self._update is not token:  # finished in time
+                return
+            self._update, self._update_timer = None, None
+            self.weights.error = (f"{self.name}: the weight update to version {version} did "
+                                  f"not finish within {timeout:g} s (NEBULA_WEIGHT_SYNC_"
+                                  "TIMEOUT_S); the engine's weights are half-loaded")
+        log.error("%s", self.weights.error)
+        self._engine_lock.release()
 
     def update_weights(self, request: Any) -> None:
-        self.engine.weight_transfer_rpc("update_weights", request.update_info)
+        from nebula.weight_check import sync_timeout_s
 
-    def finish_weight_update(self) -> None:
+        self.engine.weight_transfer_rpc("update_weights", request.update_info,
+                                        timeout=sync_timeout_s())
+
+    def finish_weight_update(self, version: int | None = None,
+                             probes: dict[str, Any] | None = None) -> None:
+        """End the update; with `probes` (the learner's probe tensors of what it sent,
+        `nebula.weight_check.select_probes`) verify the engine holds them, then take
+        `version`. A mismatch raises WeightSyncError and leaves the engine unusable."""
+        from nebula.weight_check import WeightSyncError, sync_timeout_s
+
+        with self._update_mutex:
+            token, timer = self._update, self._update_timer
+            self._update, self._update_timer = None, None
+        if token is None:
+            raise WeightSyncError(self.weights.error or f"{self.name}: finish_weight_update "
+                                  "without a weight update in progress")
+        if timer is not None:
+            timer.cancel()
         try:
-            self.engine.weight_transfer_rpc("finish_weight_update")
+            self.engine.weight_transfer_rpc("finish_weight_update", timeout=sync_timeout_s())
+            if probes is not None:
+                self.weights.verify(probes, version if version is not None else -1)
+            else:
+                self.weights.error = None  # an older pusher: nothing to verify against
+            if version is not None:
+                self.engine.set_version(int(version))
+                self.stats["weight_loads"] += 1
         finally:
             self._engine_lock.release()
 

@@ -275,6 +275,82 @@ def test_hf_engine_rejects_bad_blob(hf_engine: HFEngine) -> None:
     assert hf_engine.version != 9
 
 
+def test_engine_reports_the_weights_it_holds(engine: RolloutEngine, ref_model,
+                                             ref_model2) -> None:
+    """After a load, the engine's probe tensors (embedding rows, final norm) are the blob's;
+    against another model's they differ. Ends on the original weights (shared engine)."""
+    from nebula.weight_check import WeightSyncError, blob_probes, verify_probes
+
+    blob1 = state_dict_to_blob(ref_model.state_dict())
+    blob2 = state_dict_to_blob(ref_model2.state_dict())
+    v = engine.version
+    engine.load_weights(blob2, version=v + 1)
+    reports = engine.weights_report()
+    assert {r["name"] for r in reports} == {"model.embed_tokens.weight", "model.norm.weight"}
+    assert verify_probes(blob_probes(blob2), reports, v + 1) == len(reports)
+    with pytest.raises(WeightSyncError, match="were not loaded"):
+        verify_probes(blob_probes(blob1), reports, v + 1)
+    engine.load_weights(blob1, version=v + 2)
+    assert verify_probes(blob_probes(blob1), engine.weights_report(), v + 2) == len(reports)
+
+
+# ------------------------------------------------------------------ vLLM engine arguments
+
+
+def test_vllm_kwargs_on_cpu() -> None:
+    from rollout.engine import vllm_engine_kwargs
+
+    k = vllm_engine_kwargs("/m", device="cpu", dtype="bfloat16", seed=3, max_model_len=256,
+                           tensor_parallel_size=1, gpu_memory_utilization=0.5)
+    assert k["enforce_eager"] is True and k["tensor_parallel_size"] == 1
+    assert k["model"] == "/m" and k["dtype"] == "bfloat16" and k["max_model_len"] == 256
+    assert k["worker_extension_cls"] == VLLMEngine.EXTENSION
+    assert k["logprobs_mode"] == "processed_logprobs"
+    assert "gpu_memory_utilization" not in k and "distributed_executor_backend" not in k
+    assert "weight_transfer_config" not in k
+    assert vllm_engine_kwargs("/m", device="cpu", enforce_eager=False)["enforce_eager"] is False
+    with pytest.raises(ValueError, match=r"rollout\.tensor_parallel_size: 2 needs CUDA"):
+        vllm_engine_kwargs("/m", device="cpu", tensor_parallel_size=2)
+
+
+def test_vllm_kwargs_on_gpu() -> None:
+    from rollout.engine import vllm_engine_kwargs
+
+    k = vllm_engine_kwargs("/m", device="cuda", tensor_parallel_size=2,
+                           gpu_memory_utilization=0.6, weight_transfer="nccl")
+    assert k["enforce_eager"] is False and k["tensor_parallel_size"] == 2
+    assert k["gpu_memory_utilization"] == 0.6
+    assert k["distributed_executor_backend"] == "mp"  # the Ray actor holds the tp GPUs
+    assert k["weight_transfer_config"] == {"backend": "nccl"}
+    one = vllm_engine_kwargs("/m", device="cuda", enforce_eager=True)
+    assert one["enforce_eager"] is True and "distributed_executor_backend" not in one
+    with pytest.raises(ValueError, match="gpu_memory_utilization"):
+        vllm_engine_kwargs("/m", device="cuda", gpu_memory_utilization=1.5)
+
+
+def test_engine_options_follow_the_rollout_config(toy: Path, tmp_path: Path) -> None:
+    from nebula.config import load_model
+    from nebula.config.job import JobConfig
+    from rollout.factory import engine_options
+
+    def cfg(rollout: dict, learner: dict | None = None) -> JobConfig:
+        return load_model(JobConfig, {
+            "output_dir": str(tmp_path / "run"), "model": {"path": str(toy)},
+            "datasets": {"train": [{"path": str(tmp_path / "t.jsonl"), "verifier": "exact"}]},
+            "stages": [{"type": "grpo", "steps": 1}], "rollout": rollout,
+            "learner": learner or {}})
+
+    o = engine_options(cfg({"engine": "vllm"}))
+    assert o["tensor_parallel_size"] == 1 and o["enforce_eager"] is None
+    assert o["gpu_memory_utilization"] == 0.9 and "weight_transfer" not in o
+    o = engine_options(cfg({"engine": "vllm", "num_gpus": 2, "tensor_parallel_size": 2,
+                            "gpu_memory_utilization": 0.7, "enforce_eager": True},
+                           {"device": "cuda", "weight_sync": "nccl"}))
+    assert (o["tensor_parallel_size"], o["gpu_memory_utilization"], o["enforce_eager"],
+            o["weight_transfer"]) == (2, 0.7, True, "nccl")
+    assert "tensor_parallel_size" not in engine_options(cfg({"engine": "hf"}))
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("NEBULA_TEST_VLLM_MP") != "1",
                     reason="multiprocess vLLM starts in ~1 min; set NEBULA_TEST_VLLM_MP=1")
@@ -294,8 +370,12 @@ def test_vllm_multiprocess_engine(toy: Path, prompt_ids: list[list[int]], ref_mo
             for s in group:
                 ref = forward_logprobs(ref_model, prompt, s.completion_ids, 0.7)
                 assert float((ref - torch.tensor(s.logprobs)).abs().max()) < 1e-3
-        engine.load_weights(state_dict_to_blob(ref_model2.state_dict()), version=5)
+        blob2 = state_dict_to_blob(ref_model2.state_dict())
+        engine.load_weights(blob2, version=5)
         assert engine.version == 5
+        from nebula.weight_check import blob_probes, verify_probes
+
+        assert verify_probes(blob_probes(blob2), engine.weights_report(), 5) == 2
         greedy = engine.generate(prompt_ids, n=1, temperature=0.0, top_p=1.0, max_tokens=16)
         assert [g[0].completion_ids for g in greedy] == greedy2
         engine.load_weights(state_dict_to_blob(ref_model.state_dict()), version=6)
