@@ -22,6 +22,8 @@ from typing import Any
 
 from nebula.config.job import JobConfig
 from nebula.faults import maybe_crash
+from learner.checkpointing import LearnerCheckpoints, ticket_ranges
+from learner.group_metrics import group_metrics
 from nebula.transport.pacing import JobKeys, StalenessPacer
 
 log = logging.getLogger("nebula.learner")
@@ -40,24 +42,11 @@ def cosine_lr(peak: float, step: int, total: int, warmup_frac: float = 0.05,
     return peak * (floor_frac + (1 - floor_frac) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def ticket_ranges(tickets: list[int]) -> list[list[int]]:
-    """Tickets as sorted half-open [start, end) runs: a 500-step stage of 128 groups is one
-    pair, not 64,000 ints in summary.json. A ticket trained twice shows up as a count
-    (`tickets_trained_n`) larger than the ranges cover."""
-    runs: list[list[int]] = []
-    for t in sorted(set(tickets)):
-        if runs and runs[-1][1] == t:
-            runs[-1][1] = t + 1
-        else:
-            runs.append([t, t + 1])
-    return runs
-
-
 class VerifierFailing(RuntimeError):
     """The verifier failed on more samples than `verifier.max_error_rate` allows."""
 
 
-class LearnerWorker:
+class LearnerWorker(LearnerCheckpoints):
     """One data-parallel rank of the learner (`services.learner_group`): construct, then
     `setup` (the rendezvous and the DeepSpeed engine). Every rank runs every call; rank 0
     reads the stream, paces, publishes, acknowledges and logs, and broadcasts each step's
@@ -363,33 +352,15 @@ class LearnerWorker:
                 pacer.step_published(step + 1)
             self._unacked += [d.entry_id for d in deliveries]
             samples = [s for g in groups for s in g.samples]
-            rewards = [s.reward for s in samples]
             stale = [before - g.min_policy_version for g in groups]
             staleness_hist.update(stale)
-            lengths = [len(s.completion_ids) for s in samples]
-            tokens = sum(lengths)
-            samples_total += len(rewards)
+            samples_total += len(samples)
             m.update(algo.step_metrics(groups))
-            if any(s.turns > 1 or s.tool_calls for s in samples):
-                m["turns_mean"] = sum(s.turns for s in samples) / len(lengths)
-                m["tool_calls_mean"] = sum(s.tool_calls for s in samples) / len(lengths)
+            m.update(group_metrics(groups, stale, uniform=len(groups) - len(useful)))
             bad = [s for s in samples if s.verify.status in (2, 3)]
             unscored = bad[-1] if bad else unscored
             m.update({
-                "reward_mean": sum(rewards) / len(rewards),
-                "pass_rate": sum(s.verify.passed for s in samples) / len(samples),
-                # samples the verifier could not score: out of the loss (rollout/groups.py)
-                "verifier_errors": sum(s.verify.status == 2 for s in samples),
-                "verifier_timeouts": sum(s.verify.status == 3 for s in samples),
-                # episodes the environment failed (an unreadable tool call): out of the loss
-                "env_errors": sum(bool(s.env_error) for s in samples),
-                # dynamic sampling: groups generated again from a fresh prompt
-                "refills": sum(g.refills for g in groups),
-                "uniform_groups": len(groups) - len(useful),
-                "staleness_max": max(stale), "staleness_mean": sum(stale) / len(stale),
-                "completion_len_mean": tokens / len(lengths),
-                "truncation_rate": sum(s.truncated for s in samples) / len(lengths),
-                "tokens": tokens, "tokens_per_s": tokens / max(step_s + wait_s, 1e-9),
+                "tokens_per_s": m["tokens"] / max(step_s + wait_s, 1e-9),
                 "step_time_s": step_s, "wait_time_s": wait_s, "publish_time_s": publish_s,
                 "samples_per_s": samples_total / (time.monotonic() - t_stage),
                 "policy_version": self.engine.version, "lr": self.engine.lr,
@@ -473,82 +444,9 @@ class LearnerWorker:
                 f"of the last {len(errors)} learner steps ({bad / total:.0%} > "
                 f"verifier.max_error_rate {limit:.0%}); a sample's {kind}: {v.reason[:300]!r}")
 
-    def _ticket_state(self, tickets: list[int]) -> dict[str, Any]:
-        return {"tickets_trained": ticket_ranges(tickets), "tickets_trained_n": len(tickets)}
-
-    def _restored_tickets(self, stage_index: int, start: int) -> list[int]:
-        """Tickets the restored checkpoint's lineage already trained in this stage: the
-        stage's record counts each ticket once across learner restarts and resumes."""
-        st = self.restored
-        if start == 0 or int(st.get("stage_index", -1)) != stage_index \
-                or int(st.get("stage_step", -1)) != start:
-            return []
-        out = [t for a, b in st.get("tickets_trained", []) for t in range(a, b)]
-        extra = int(st.get("tickets_trained_n", len(out))) - len(out)
-        return out + out[:extra]  # a ticket trained twice stays counted twice
-
     def preempt(self) -> None:
         """Ask the running stage to checkpoint its current step and return (SIGTERM)."""
         self._preempt.set()
-
-    def _preempted(self, name: str, stage_index: int, step: int, tickets: list[int] | None
-                   ) -> dict[str, Any]:
-        path = self.checkpoint(f"{name}-step{step}", stage_index, step, False,
-                               self._ticket_state(tickets) if tickets is not None else None)
-        log.warning("%s: preempted at step %d; checkpoint %s", name, step, path)
-        return {"stage": name, "preempted_at": step, "checkpoint": path}
-
-    # -- checkpoints --------------------------------------------------------------------
-
-    def checkpoint(self, tag: str, stage_index: int, stage_step: int, stage_done: bool,
-                   extra: dict[str, Any] | None = None) -> str:
-        """Model, optimizer, policy version and where the job is (stage, step in it) under
-        checkpoint.dir/<tag>; `restore` reads it back."""
-        ck = self.cfg.checkpoint
-        assert ck is not None
-        path = Path(ck.dir) / tag
-        where = {"stage_index": stage_index, "stage_step": stage_step,
-                 "stage_done": stage_done, "global_step": self.global_step,
-                 "version": self.engine.version, "tag": tag}
-        self.engine.save_checkpoint(str(path), {**(extra or {}), **where},
-                                    manifest={"job": self._fingerprint, **where})
-        if self._stream is not None and self._unacked:  # rank 0
-            # The checkpoint holds these groups' effect now: acknowledge them, and drop from
-            # the stream every entry acknowledged so far (pending ones stay).
-            self._stream.ack(self._unacked)
-            self._unacked = []
-            if not stage_done:  # a finished stage's last groups stay readable (bounded:
-                self._stream.trim()  # one checkpoint interval); mid-stage, drop the trained
-            self.r.set(self._acked_key, stage_step)
-        if self.lead:
-            from nebula.checkpoints import prune
-
-            prune(ck.dir, ck.keep, log.warning)
-        return str(path)
-
-    def restore(self, path: str | None, in_job: bool = False) -> dict[str, Any]:
-        """Load a `checkpoint` dir (model, optimizer, version); returns where the job was.
-
-        in_job: this learner replaces one that died in the same job. Its policy versions go
-        on above the newest the dead one published, so rollout engines load the restored
-        weights instead of keeping the dead learner's under the same version number."""
-        import ray
-
-        state = self.engine.load_checkpoint(path) if path else {}  # None: the initial model
-        self.global_step = int(state.get("global_step", 0))
-        if in_job:
-            published = int(ray.get(self.store.latest.remote())[0])
-            self.engine.version = max(self.engine.version, published + 1)
-            state["version"] = self.engine.version
-        self.restored = state
-        return state
-
-    def export(self, subdir: str = "export") -> str:
-        ck = self.cfg.checkpoint
-        assert ck is not None
-        out = Path(ck.dir) / subdir
-        self.engine.export_hf(str(out))
-        return str(out)
 
     def get_status(self) -> dict[str, Any]:
         import os

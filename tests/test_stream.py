@@ -154,7 +154,7 @@ def test_pacing_keeps_staleness_within_bound(redis_url: str, max_staleness: int)
 
 
 def test_ticket_ranges_compress_runs_and_expose_repeats() -> None:
-    from learner.worker import ticket_ranges
+    from learner.checkpointing import ticket_ranges
 
     assert ticket_ranges([]) == []
     assert ticket_ranges([3, 0, 1, 2, 7, 8, 5]) == [[0, 4], [5, 6], [7, 9]]
