@@ -9,10 +9,13 @@ import sys
 
 import torch
 
-from learner.batch import collate
+from learner.batch import collate, collate_examples
 from learner.ds_engine import DSLearnerEngine
-from learner.shard import group_tokens, split_balanced
+from learner.shard import example_tokens, group_tokens, split_balanced
+from nebula.algo.base import Example
+from nebula.algo.dpo import DPO, DPOStage
 from nebula.algo.grpo import GRPO, GRPOStage
+from nebula.config.data import DatasetConfig
 from nebula.config.job import LearnerConfig
 from nebula.losses import group_advantages
 from nebula.v1.trajectory_pb2 import TrajectoryGroup
@@ -35,6 +38,16 @@ def groups(n_groups: int, seed: int) -> list[TrajectoryGroup]:
     return out
 
 
+def pairs(n: int, seed: int) -> list[Example]:
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        prompt = [rng.randrange(3, 60) for _ in range(rng.randint(2, 5))]
+        out.append(Example([(prompt, [rng.randrange(3, 60) for _ in range(rng.randint(1, 7))])
+                            for _ in range(2)]))
+    return out
+
+
 def main(model_dir: str, zero_stage: int, out_path: str, ckpt_dir: str) -> None:
     torch.set_num_threads(1)
     cfg = LearnerConfig(zero_stage=zero_stage, device="cpu", lr=0.5, micro_batch=3,
@@ -42,13 +55,23 @@ def main(model_dir: str, zero_stage: int, out_path: str, ckpt_dir: str) -> None:
     eng = DSLearnerEngine(model_dir, cfg, optimizer=lambda p: torch.optim.SGD(p, lr=0.5))
     algo = GRPO(GRPOStage())
     metrics = []
-    # step 1: 6 groups of uneven lengths; step 2: one group, so a second rank has no share
+    # DPO's reference log-probs, from the initial weights: every rank computes them for every
+    # pair (forwards are collective under ZeRO-3)
+    dpo = DPO(DPOStage(dataset=DatasetConfig(path="unused.jsonl"), beta=0.5))
+    exs = pairs(5, 3)
+    dpo.prepare(exs, eng.sequence_logprobs)
+    # GRPO step 1: 6 groups of uneven lengths; step 2: one group, so a second rank has no share
     for step_groups in (groups(6, 0), groups(1, 1)):
         share = split_balanced([group_tokens(g) for g in step_groups], eng.world_size)
         mine = [step_groups[i] for i in share[eng.rank]]
         filler = not mine
         batch = collate(mine or step_groups[:1], eng.pad_id)
         metrics.append(eng.step(batch, algo, examples=len(mine), filler=filler))
+    # step 3: DPO (whole pairs per rank) against the initial weights' log-probs
+    share = split_balanced([example_tokens(e) for e in exs], eng.world_size)
+    mine_ex = [exs[i] for i in share[eng.rank]]
+    metrics.append(eng.step(collate_examples(mine_ex or exs[:1], eng.pad_id), dpo,
+                            examples=len(mine_ex), filler=not mine_ex))
     weights = eng.full_state_dict()
     # A checkpoint of the group (each rank its ZeRO partitions), then a third step; a fresh
     # engine restored from the checkpoint takes the same third step.

@@ -1,6 +1,6 @@
 """The learner across data-parallel ranks (gloo on CPU): on fixed batches, 2 ranks (ZeRO-2 and
-ZeRO-3) give the 1-rank run's loss, gradient norm and updated weights, including a step
-where one rank has no share of the groups (`learner.shard`); the group's checkpoint restores
+ZeRO-3) give the 1-rank run's loss, gradient norm and updated weights over two GRPO steps
+(in one of them a rank has no share of the groups, `learner.shard`) and a DPO step; the group's checkpoint restores
 into fresh engines that take the same next step."""
 
 from __future__ import annotations
@@ -65,10 +65,14 @@ def _run(model_dir: str, zero: int, world: int, out: Path) -> dict[str, Any]:
 def test_two_ranks_equal_one_rank(model_dir: str, zero: int, tmp_path: Path) -> None:
     one = _run(model_dir, zero, 1, tmp_path / "one.pt")
     two = _run(model_dir, zero, 2, tmp_path / "two.pt")
+    grpo = ("loss", "grad_norm", "tokens", "sequences", "groups", "reward_mean",
+            "logprob_diff_abs_mean", "entropy")
+    dpo = ("loss", "grad_norm", "tokens", "sequences", "examples", "reward_accuracy",
+           "reward_margin", "logp_chosen")
+    assert len(one["metrics"]) == len(two["metrics"]) == 3
     for step, (a, b) in enumerate(zip(one["metrics"], two["metrics"])):
         assert b["step_applied"] == 1.0, step
-        for key in ("loss", "grad_norm", "tokens", "sequences", "groups", "reward_mean",
-                    "logprob_diff_abs_mean", "entropy"):
+        for key in (grpo if step < 2 else dpo):
             assert b[key] == pytest.approx(a[key], rel=RTOL, abs=ATOL), (step, key)
     assert one["weights"].keys() == two["weights"].keys()
     for name, w in one["weights"].items():

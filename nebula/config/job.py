@@ -219,6 +219,29 @@ class EvalConfig(Strict):
         return sorted(set(ks))
 
 
+class WandbConfig(Strict):
+    project: str = Field("nebula", description="W&B project.")
+    entity: str | None = Field(None, description="W&B entity (team); default: the user's.")
+    mode: Literal["online", "offline", "disabled"] = Field(
+        "offline", description="offline writes a local run dir (`wandb sync` uploads it).")
+    dir: str | None = Field(None, description="Where the run dir goes; default output_dir.")
+
+
+class MlflowConfig(Strict):
+    tracking_uri: str | None = Field(
+        None, description="MLflow tracking URI; default a local file store "
+        "`file:<output_dir>/mlruns`.")
+    experiment: str = Field("nebula", description="MLflow experiment name.")
+
+
+class LoggingConfig(Strict):
+    """Experiment trackers beside the always-on metrics.jsonl and TensorBoard files; each
+    gets the same per-step and eval metrics (install the `trackers` extra)."""
+
+    wandb: WandbConfig | None = Field(None, description="Log to Weights & Biases.")
+    mlflow: MlflowConfig | None = Field(None, description="Log to MLflow.")
+
+
 class ClusterConfig(Strict):
     ray_address: str | None = Field(None, description="Ray cluster; none starts a local Ray.")
     redis_url: str | None = Field(None, description="Redis; none starts an embedded one.")
@@ -250,6 +273,7 @@ class JobConfig(Strict):
     recovery: RecoveryConfig = Field(default_factory=RecoveryConfig)
     verifier: VerifierUseConfig = Field(default_factory=VerifierUseConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
     seed: int = Field(0, description="Global seed.")
     resume_from: str | None = Field(
         None, description="A checkpoint dir written by this job's learner: restore model, "
