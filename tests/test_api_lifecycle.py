@@ -96,3 +96,19 @@ def test_whole_lifecycle_through_rest(srv: ApiServer, job: dict[str, Any]) -> No
         assert final["finished_at"] >= final["started_at"] >= final["created_at"]
         # The view ends on the last stage's last step, not where progress polling stopped.
         assert (final["stage"], final["step"], final["total_steps"]) == ("grpo1", 3, 3), final
+
+
+def test_a_failed_jobs_record_starts_with_a_one_line_root_cause() -> None:
+    """A Ray task error is unwrapped to what the actor raised; colour codes and the
+    traceback stay out of the record (they are in the job's log)."""
+    import ray
+
+    from services.jobs.process import root_cause
+
+    inner = FileNotFoundError("dataset file not found: runs/data/addition_train.jsonl")
+    wrapped = ray.exceptions.RayTaskError(
+        "LearnerWorker.run_offline", "Traceback (most recent call last):\n  ...", inner)
+    assert root_cause(wrapped) == ("FileNotFoundError: dataset file not found: "
+                                   "runs/data/addition_train.jsonl")
+    assert root_cause(RuntimeError("\x1b[36mthe learner died 2 times\x1b[39m\nmore")) == \
+        "RuntimeError: the learner died 2 times"

@@ -33,6 +33,22 @@ class Cancelled(BaseException):
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
+def root_cause(e: BaseException) -> str:
+    """A failed job record's first line: the root cause's type and the first line of its
+    message, without colour codes (the whole traceback is in the job's log). A Ray task
+    error is unwrapped to the exception raised inside the actor (Nebula's own errors that
+    wrap another say more than their cause, so `__cause__` chains are not followed)."""
+    seen: set[int] = set()
+    while id(e) not in seen:
+        seen.add(id(e))
+        inner = getattr(e, "cause", None)  # ray.exceptions.RayTaskError
+        if not isinstance(inner, BaseException):
+            break
+        e = inner
+    lines = [ln.strip() for ln in ANSI.sub("", str(e)).splitlines() if ln.strip()]
+    return f"{type(e).__name__}: {lines[0] if lines else ''}"[:500]
+
+
 class RedisLines(io.TextIOBase):
     """A text stream that also sends each complete line to the job's log stream."""
 
@@ -327,7 +343,7 @@ def run(job_id: str, redis_url: str, work_dir: Path) -> int:
                 reporter.sync(force=True)
             except Exception:  # noqa: BLE001
                 pass
-        store.transition(job_id, ACTIVE, "failed", error=f"{type(e).__name__}: {e}"[:2000])
+        store.transition(job_id, ACTIVE, "failed", error=root_cause(e))
         return 1
     finally:
         if reporter:
