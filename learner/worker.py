@@ -55,6 +55,10 @@ class LearnerWorker(LearnerCheckpoints):
     def __init__(self, job: dict[str, Any], job_id: str, redis_url: str | None,
                  weight_store: Any, incarnation: int = 0, rank: int = 0,
                  world_size: int = 1) -> None:
+        from nebula.logfiles import redirect_to_log_file
+
+        redirect_to_log_file((f"learner-r{incarnation}" if incarnation else "learner")
+                             + (f"-rank{rank}" if rank else ""))
         from nebula.cpu_binding import apply_cpu_binding
 
         apply_cpu_binding("learner")
@@ -123,14 +127,22 @@ class LearnerWorker(LearnerCheckpoints):
         if self.lead:
             from learner.metrics import MetricsSink
 
+            from nebula.trackers import open_trackers
+
             self.metrics = MetricsSink(Path(self.cfg.output_dir), self.redis_url,
-                                       JobKeys(self.job_id).metrics)
+                                       JobKeys(self.job_id).metrics,
+                                       trackers=open_trackers(self.cfg, self.job_id))
         return self.rank
 
     def node_id(self) -> str:
         import ray
 
         return ray.get_runtime_context().get_node_id()
+
+    def log_eval(self, step: int, scalars: dict[str, float]) -> None:
+        """An eval row to the experiment trackers (one run per job: the learner's)."""
+        if self.metrics is not None:
+            self.metrics.log_eval(step, scalars)
 
     def _share(self, obj: Any) -> Any:
         """Rank 0's `obj` on every rank (the others pass None)."""

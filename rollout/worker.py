@@ -40,6 +40,9 @@ class RolloutWorker:
     def __init__(self, job: dict[str, Any], job_id: str, index: int, redis_url: str,
                  verifier_address: str, weight_store: Any,
                  teacher_address: str | None = None) -> None:
+        from nebula.logfiles import redirect_to_log_file
+
+        redirect_to_log_file(f"rollout-{index}")
         import redis
 
         from rollout.factory import make_engine

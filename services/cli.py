@@ -167,10 +167,21 @@ def _verify_local(lines: object, timeout: float, config_path: Optional[Path]) ->
 def run(
     config: Annotated[Path, typer.Argument(help="job config (YAML or JSON)")],
     job_id: Annotated[Optional[str], typer.Option(help="job id (default: name + random)")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="stream the actors' output "
+                                          "(vLLM, Ray, DeepSpeed) here instead of to "
+                                          "OUTPUT_DIR/logs/*.log")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="print the job's summary as one "
+                                           "JSON line at the end")] = False,
 ) -> None:
     """Run a job on the embedded default (local Ray, Redis, verifier) or a configured cluster."""
     from nebula.config import ConfigError, load_file
     from nebula.config.job import JobConfig
+    from nebula.logfiles import VERBOSE_ENV
+
+    if verbose:
+        os.environ[VERBOSE_ENV] = "1"
+    else:
+        quiet_libraries()
 
     try:
         cfg = load_file(JobConfig, config)
@@ -188,8 +199,18 @@ def run(
                    err=True)
         sys.stderr.flush()
         os._exit(143 if isinstance(e, SystemExit) else 130)
-    typer.echo(json.dumps({"job_id": summary["job_id"], "evals": summary["evals"],
-                           "export": summary.get("export"), "wall_s": round(summary["wall_s"], 1)}))
+    if json_out:
+        typer.echo(json.dumps({"job_id": summary["job_id"], "evals": summary["evals"],
+                               "export": summary.get("export"),
+                               "wall_s": round(summary["wall_s"], 1)}))
+
+
+def quiet_libraries() -> None:
+    """The driver's own library chatter off the console: transformers' and the Hub's
+    progress bars (e.g. writing the toy model) and info logs."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TQDM_DISABLE", "1")
 
 
 @app.command("eval")

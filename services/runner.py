@@ -35,9 +35,12 @@ MAX_ROLLOUT_RAISES = 3  # a rollout loop that raises this often in one stage fai
 def _env(env_vars: dict[str, str] | None) -> dict[str, Any] | None:
     from nebula.faults import ENV
 
+    from nebula.logfiles import LOG_DIR_ENV
+
     env = dict(env_vars or {})
-    if os.environ.get(ENV):  # a fault drill reaches the actors it names
-        env[ENV] = os.environ[ENV]
+    for var in (ENV, LOG_DIR_ENV):  # a fault drill reaches the actors it names; their logs
+        if os.environ.get(var):     # go to the job's log dir
+            env[var] = os.environ[var]
     return {"env_vars": env} if env else None
 
 
@@ -63,6 +66,8 @@ class JobRunner:
         self.on_grpo_end: Callable[[int, dict[str, Any], list[Any]], None] | None = None
         # SIGKILLs a supervised service of the embedded default by name (fault drills).
         self._kill_service: Callable[[str], None] | None = None
+        # Gets each eval row (the console's tables); None: one log line per eval.
+        self.on_eval: Callable[[dict[str, Any]], None] | None = None
 
     def run(self) -> dict[str, Any]:
         from services.embedded import embedded_stack
@@ -82,6 +87,9 @@ class JobRunner:
             self.log(f"model ready at {self.cfg.model.path} ({time.monotonic() - t0:.1f}s)")
         self.preflight()  # bad input is refused before the output dir or any worker exists
         self.out.mkdir(parents=True, exist_ok=True)
+        from nebula.logfiles import actor_logs
+
+        actor_logs(self.out / "logs")  # the actors' output goes there (not with -v)
         t_job = time.monotonic()
         with embedded_stack(self.cfg, self.out / "services") as stack:
             self.summary["redis_url"] = stack["redis_url"]
@@ -128,6 +136,9 @@ class JobRunner:
         domains = sorted({r.domain for r in train})
         for i, st in enumerate(cfg.stages):
             algorithm(st, cfg).preflight(f"stages.{i}", tok, ctx, domains)
+        from nebula.trackers import check_trackers
+
+        check_trackers(cfg)  # logging.wandb / logging.mlflow asked for but not installed
         if cfg.resume_from:  # intact, and of this job: else refused here, naming the fields
             from nebula.checkpoints import resolve_resume
 
@@ -318,14 +329,19 @@ class JobRunner:
         try:
             from services.evaluate import write_scalars
 
-            write_scalars(self.out / "tensorboard", flat_scalars(metrics), greedy["version"])
+            scalars = flat_scalars(metrics)
+            write_scalars(self.out / "tensorboard", scalars, greedy["version"])
+            self.learner.call("log_eval", greedy["version"], scalars)  # W&B / MLflow
         except Exception as e:  # noqa: BLE001 - TensorBoard is a view; the row is recorded
-            self.log(f"eval scalars not written to TensorBoard: {e}")
+            self.log(f"eval scalars not written to TensorBoard or the trackers: {e}")
         by = ""
         if len(greedy["by_domain"]) > 1:
             by = "; by domain " + ", ".join(
                 f"{d}: {g:.1%}/{sampled['by_domain'].get(d, 0):.1%}"
                 for d, g in sorted(greedy["by_domain"].items()))
+        if self.on_eval is not None:
+            self.on_eval(row)
+            return
         ks = ", ".join(f"pass@{k} {row[f'pass@{k}']:.1%}" for k in self.cfg.eval.k
                        if row.get(f"pass@{k}") is not None)
         self.log(f"eval {when} (policy v{greedy['version']}): greedy accuracy "
