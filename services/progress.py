@@ -37,17 +37,18 @@ def plan_table(cfg: JobConfig) -> Any:
 def eval_table(row: dict[str, Any], ks: list[int]) -> Any:
     from rich.table import Table
 
-    t = Table(title=f"eval {row['when']} (policy v{row['version']}, {row['prompts']} prompts)",
-              title_justify="left")
+    t = Table(title=f"eval {row.get('when', '')} (policy v{row.get('version', '?')}, "
+              f"{row.get('prompts', '?')} prompts)", title_justify="left")
     cols = ["greedy", "sampled"] + [f"pass@{k}" for k in ks if row.get(f"pass@{k}") is not None]
     t.add_column("domain")
     for c in cols:
         t.add_column(c, justify="right")
-    t.add_row("all", *(f"{row[c]:.1%}" for c in cols))
+    t.add_row("all", *(f"{row.get(c) or 0:.1%}" for c in cols))
     domains = row.get("greedy_by_domain") or {}
     if len(domains) > 1:
         for d in sorted(domains):
-            t.add_row(d, f"{domains[d]:.1%}", f"{row['sampled_by_domain'].get(d, 0):.1%}",
+            t.add_row(d, f"{domains[d]:.1%}",
+                      f"{(row.get('sampled_by_domain') or {}).get(d, 0):.1%}",
                       *("" for _ in cols[2:]))
     return t
 
