@@ -43,7 +43,6 @@ class RolloutWorker:
         from nebula.logfiles import redirect_to_log_file
 
         redirect_to_log_file(f"rollout-{index}")
-        import redis
 
         from rollout.factory import make_engine
         from nebula.prompts import PromptOrder, load_prompt_rows
@@ -235,7 +234,8 @@ class RolloutWorker:
 
         self.stream = RedisTrajectoryStream(self.redis_url, self.keys.stream)
         self.loaded_steps = -1  # step counts restart with each stage
-        pacer = StalenessPacer(self.redis_url, self.keys, self.cfg.async_.max_staleness, G)
+        pacer = self.pacer = StalenessPacer(self.redis_url, self.keys,
+                                            self.cfg.async_.max_staleness, G)
         total = total_steps * G
         self.fresh_base = total  # dynamic sampling's fresh prompts come after the stage's
         inflight = self.keys.inflight(self.name)
@@ -371,17 +371,16 @@ class RolloutWorker:
     def _finish(self, stage: str, tickets: list[int], rows: list[Any], outs: list[Any],
                 version: int, G: int) -> None:
         """Score the samples, build the groups (refilling uniform ones with dynamic sampling)
-        and write them to the stream, ending their reservations in the same transaction."""
+        and write them to the stream, ending their reservations in the same script."""
         t1 = time.monotonic()
         groups = self._score(stage, tickets, rows, outs, version, G)
         if self.cfg.rollout.dynamic_sampling:
             groups = self._refill(stage, groups, G)
-        pipe = self.r.pipeline(transaction=True)
-        for g in groups:
-            self.stream.publish_pipeline(pipe, g)
-            pipe.hdel(self.keys.inflight(self.name), g.ticket)
-            self.stats["tokens"] += sum(len(s.completion_ids) for s in g.samples)
-        pipe.execute()  # the groups and the end of their reservations land together
+        # One script: the groups and the end of their reservations land together, and once
+        # (a call that redis-py retries after a lost reply writes nothing again).
+        self.pacer.publish(self.name, self.keys.stream,
+                           [(g.ticket, g.SerializeToString()) for g in groups])
+        self.stats["tokens"] += sum(len(s.completion_ids) for g in groups for s in g.samples)
         self.stats["groups"] += len(groups)
         self.stats["samples"] += sum(len(g.samples) for g in groups)
         self.stats["finish_s"] += time.monotonic() - t1

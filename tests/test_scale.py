@@ -146,3 +146,18 @@ def test_a_dead_rank_fails_the_step_and_the_group_restarts(
     grpo = summary["stages"][0]
     assert grpo["tickets_trained"] == [[0, 5 * 4]] and grpo["tickets_trained_n"] == 5 * 4
     assert grpo["replayed"] >= 4
+
+
+def test_a_tensor_parallel_size_that_does_not_divide_the_heads_is_refused(
+        tmp_path: Path) -> None:
+    """Before any worker starts, naming the field (the toy model has 4 attention heads)."""
+    from nebula.toy_model import ensure_toy_model
+    from services.runner import JobRunner
+    from test_e2e import toy_config
+
+    cfg = toy_config(tmp_path, rollout={"tensor_parallel_size": 3})
+    ensure_toy_model(cfg.model)
+    with pytest.raises(ValueError, match=r"rollout.tensor_parallel_size: 3 does not divide "
+                       r"the model's attention heads \(4\)"):
+        JobRunner(cfg).preflight()
+    assert not Path(cfg.output_dir).exists()

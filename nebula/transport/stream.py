@@ -74,10 +74,6 @@ class RedisTrajectoryStream(TrajectoryStream):
     def publish(self, group: TrajectoryGroup) -> str:
         return self.r.xadd(self.stream, {b"g": group.SerializeToString()}).decode()
 
-    def publish_pipeline(self, pipe: object, group: TrajectoryGroup) -> None:
-        """Queue an XADD on a caller's MULTI pipeline (atomic with its other commands)."""
-        pipe.xadd(self.stream, {b"g": group.SerializeToString()})  # type: ignore[attr-defined]
-
     def _decode(self, entries: list, redelivered: bool) -> list[Delivery]:
         out = []
         for entry_id, fields in entries:
