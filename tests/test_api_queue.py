@@ -1,18 +1,24 @@
 """The admission policy on its own (pure functions of job records): per-tenant quotas of
-jobs, CPUs and GPUs; priority, then FIFO; no overtaking; positions per tenant."""
+jobs, CPUs and GPUs counted from the job's config (`nebula.resources.job_resources`);
+priority, then FIFO; no overtaking; positions per tenant. Then on a real Redis, and against a
+real `nebula serve`: a job larger than its tenant's quota or than the embedded Ray cluster
+is refused at submission with the numbers."""
 
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+import api_procs
+from api_procs import BASE_CFG, api_server, module_redis, toy_job
 from services.api.settings import Quota
 from services.jobs.launcher import RayLauncher
-from services.jobs.queue import admit, fits_at_all, needs, positions
+from services.jobs.queue import admit, fits_at_all, needs, positions, resources
 
 
 def rec(i: int, tenant: str = "t", state: str = "queued", priority: int = 0,
@@ -21,9 +27,34 @@ def rec(i: int, tenant: str = "t", state: str = "queued", priority: int = 0,
             "qseq": i, "cpus": cpus, "gpus": gpus}
 
 
+def job(**over: Any) -> dict[str, Any]:
+    """A minimal valid job config (nothing is read: the queue only counts)."""
+    return {"model": {"path": "/m"}, "datasets": {"train": [{"path": "/d.jsonl"}]},
+            "stages": [{"type": "grpo", "steps": 1}], **over}
+
+
 def test_needs_counts_learner_and_rollout_actors() -> None:
-    assert needs({"rollout": {"workers": 3, "num_cpus": 2, "num_gpus": 0.5}}) == (7.0, 1.5)
-    assert needs({}) == (2.0, 0.0)
+    assert needs(job(rollout={"workers": 3, "num_cpus": 2, "num_gpus": 1})) == (7.0, 3.0)
+    assert needs(job()) == (2.0, 0.0)  # 1 learner rank + 1 rollout worker, 1 CPU each
+
+
+def test_a_multi_rank_gpu_learner_counts_every_rank() -> None:
+    """2 ranks x 1 GPU of the learner + 2 rollout workers x 2 GPUs (tensor parallel 2):
+    exactly what the job reserves in Ray, custom resources included."""
+    from nebula.config.job import JobConfig
+    from nebula.resources import job_resources
+
+    cfg = job(learner={"ranks": 2, "num_gpus_per_rank": 1, "num_cpus_per_rank": 4,
+                       "resources_per_rank": {"node_gpu_a": 1}},
+              rollout={"workers": 2, "num_gpus": 2, "num_cpus": 2, "tensor_parallel_size": 2,
+                       "resources": {"rollout_pool": 1}})
+    assert needs(cfg) == (2 * 4 + 2 * 2, 2 * 1 + 2 * 2)
+    assert resources(cfg) == {"CPU": 12.0, "GPU": 6.0, "node_gpu_a": 2.0, "rollout_pool": 2.0}
+    assert resources(cfg) == job_resources(JobConfig.model_validate(cfg))
+    # An eval job has no learner: its rollout workers only.
+    ev = {"kind": "eval", "model": {"path": "/m"}, "datasets": [{"path": "/d.jsonl"}],
+          "rollout": {"workers": 3, "num_cpus": 2, "num_gpus": 1}}
+    assert resources(ev) == {"CPU": 6.0, "GPU": 3.0}
 
 
 def test_priority_then_fifo_and_positions_per_tenant() -> None:
@@ -47,6 +78,12 @@ def test_a_job_larger_than_the_quota_is_refused_up_front() -> None:
     assert fits_at_all((3, 0), Quota(cpus=2)) is not None
     assert fits_at_all((1, 2), Quota(gpus=1)) is not None
     assert fits_at_all((3, 2), Quota()) is None
+    assert fits_at_all((2, 2), Quota(cpus=2, gpus=2)) is None
+    cfg = job(learner={"ranks": 2, "num_gpus_per_rank": 1},
+              rollout={"workers": 2, "num_gpus": 1})
+    why = fits_at_all(needs(cfg), Quota(gpus=3), cfg)
+    assert why == ("the job needs 4 GPUs (learner ranks 2 x 1 + rollout workers 2 x 1), "
+                   "the tenant's quota is 3 GPUs")
 
 
 # -- on a real Redis ------------------------------------------------------------------------
@@ -145,6 +182,10 @@ class FlakyLauncher:
 
         return RayStatus("RUNNING" if ray_job_id in self.submitted else None)
 
+    @staticmethod
+    def capacity() -> None:
+        return None  # unknown: nothing refused for the cluster's size
+
     retryable = staticmethod(RayLauncher.retryable)
     already_submitted = staticmethod(RayLauncher.already_submitted)
 
@@ -228,3 +269,61 @@ def test_reporter_shows_each_stage_end_and_steps_from_metrics(store: Any, tmp_pa
     rep.finish(Runner.summary)
     view = store.view(store.get(job))
     assert (view["stage"], view["step"], view["total_steps"]) == ("grpo1", 4, 4)
+
+
+# -- against a real `nebula serve` and its embedded Ray ---------------------------------------
+
+api_work = api_procs.api_work  # the shared session fixture (work dir, embedded Ray)
+TOKENS = {"tok-cap": "cap", "tok-q": "quota"}
+
+
+@pytest.fixture(scope="module")
+def srv(api_work: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    cfg = {"tokens": TOKENS, "default_quota": {"max_concurrent_jobs": 0},
+           "quotas": {"quota": {"max_concurrent_jobs": 0, "gpus": 1}}}
+    with module_redis(tmp_path_factory.mktemp("redis")) as url, \
+            api_server(api_work, {**cfg, "redis_url": url}, "queue") as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    return toy_job(tmp_path_factory.mktemp("toyjob"))
+
+
+def test_jobs_larger_than_the_quota_or_the_cluster_are_refused_with_the_numbers(
+        srv: Any, toy: dict[str, Any]) -> None:
+    """The embedded Ray of the API tests has 8 CPUs (and this machine's GPUs, if any): a job
+    asking more fails at submission (422, nothing queued), naming asked and available,
+    instead of waiting forever for its placement."""
+    ray_cpus = BASE_CFG["ray_num_cpus"]
+    two_gpu_ranks = {**toy, "learner": {**toy["learner"], "ranks": 2, "num_gpus_per_rank": 1}}
+    with srv.client("tok-q") as q:
+        r = q.post("/v1/jobs", json=two_gpu_ranks)
+        assert r.status_code == 422, r.text
+        err = r.json()["detail"][0]
+        assert err["type"] == "quota" and err["field"] == "learner"
+        assert err["message"] == ("the job needs 2 GPUs (learner ranks 2 x 1), the tenant's "
+                                  "quota is 1 GPUs")
+    huge = {**toy, "learner": {**toy["learner"], "ranks": 4, "num_cpus_per_rank": 4,
+                               "num_gpus_per_rank": 64, "resources_per_rank": {"node_gpu_a": 1}}}
+    with srv.client("tok-cap") as c:
+        r = c.post("/v1/jobs", json=huge)
+        assert r.status_code == 422, r.text
+        err = r.json()["detail"][0]
+        assert err["type"] == "capacity" and err["field"] == "learner, rollout", err
+        msg = err["message"]
+        assert msg.startswith("the job asks for more than the Ray cluster has ("), msg
+        assert f"CPU: asked 17, the Ray cluster has {ray_cpus}" in msg  # 4 x 4 + 1 rollout
+        assert re.search(r"GPU: asked 256, the Ray cluster has \d+", msg), msg
+        assert "node_gpu_a: asked 4, the Ray cluster has 0" in msg
+        more_rollout = {**toy, "rollout": {**toy["rollout"], "workers": ray_cpus}}
+        r = c.post("/v1/jobs", json=more_rollout)  # 1 + 8 CPUs
+        assert r.status_code == 422 and r.json()["detail"][0]["type"] == "capacity", r.text
+        assert (f"CPU: asked {ray_cpus + 1}, the Ray cluster has {ray_cpus}"
+                in r.json()["detail"][0]["message"])
+        assert c.get("/v1/jobs").json()["jobs"] == []  # nothing was written
+        fits = {**toy, "rollout": {**toy["rollout"], "workers": ray_cpus - 1}}  # 8 of 8 CPUs
+        r = c.post("/v1/jobs", json=fits)
+        assert r.status_code == 201, r.text
+        assert r.json()["state"] == "queued"  # (quota 0 jobs: it never starts here)

@@ -19,10 +19,11 @@ class Quota(Strict):
     max_concurrent_jobs: int = Field(2, ge=0, description="Jobs starting or running at once "
                                      "(0: nothing ever starts, every job stays queued).")
     cpus: float | None = Field(None, ge=0, description="CPUs of the running jobs together "
-                               "(a job needs 1 learner + rollout.workers * rollout.num_cpus); "
-                               "none: no limit.")
+                               "(a job needs learner.ranks x num_cpus_per_rank + "
+                               "rollout.workers x rollout.num_cpus); none: no limit.")
     gpus: float | None = Field(None, ge=0, description="GPUs of the running jobs together "
-                               "(rollout.workers * rollout.num_gpus); none: no limit.")
+                               "(learner.ranks x num_gpus_per_rank + rollout.workers x "
+                               "rollout.num_gpus); none: no limit.")
 
 
 class ApiConfig(Strict):

@@ -8,6 +8,7 @@ import os
 import re
 import shlex
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +37,7 @@ class RayLauncher:
         self.python = python
         self.embedded = embedded
         self.gcs_address = gcs_address
+        self._capacity: tuple[float, dict[str, float]] | None = None  # (when, totals)
 
     @staticmethod
     def ray_job_id(job_id: str, attempt: int) -> str:
@@ -76,6 +78,37 @@ class RayLauncher:
     @staticmethod
     def already_submitted(e: BaseException) -> bool:
         return "already exists" in str(e)
+
+    def capacity(self, max_age_s: float = 10.0) -> dict[str, float] | None:
+        """The total resources of the Ray cluster when they bound what a job can ever get,
+        else None. Known for the embedded Ray head: one node this API started, no autoscaler
+        (summed over its alive nodes from the dashboard's state API, `GET /api/v0/nodes`,
+        the listing `ray list nodes` reads). None on a configured cluster, whose present
+        total is no limit (an autoscaler may add nodes), and when the dashboard does not
+        answer (the job is queued as before)."""
+        if not self.embedded:
+            return None
+        now = time.monotonic()
+        if self._capacity and now - self._capacity[0] < max_age_s:
+            return self._capacity[1]
+        import httpx
+
+        try:
+            r = httpx.get(f"{self.address.rstrip('/')}/api/v0/nodes",
+                          params={"limit": 10000}, timeout=10)
+            r.raise_for_status()
+            nodes = r.json()["data"]["result"]["result"]
+        except (httpx.HTTPError, ValueError, KeyError, TypeError):
+            return None
+        total: dict[str, float] = {}
+        for node in nodes:
+            if node.get("state") == "ALIVE":
+                for k, v in (node.get("resources_total") or {}).items():
+                    total[k] = total.get(k, 0.0) + float(v)
+        if not total:
+            return None  # no alive node listed yet: no bound to check against
+        self._capacity = (now, total)
+        return total
 
     def status(self, ray_job_id: str) -> RayStatus:
         try:

@@ -35,8 +35,14 @@ def new_job_id() -> str:
 
 
 def validate_job_config(raw: Any, job_id: str, work_dir: Path) -> dict[str, Any]:
-    """The job config as stored: validated whole (ConfigError names each bad field), dumped
-    with every default filled in. The service places job outputs: output_dir (default
+    """The job config as stored: `validated_job_config`, dumped with every default filled
+    in."""
+    return validated_job_config(raw, job_id, work_dir).model_dump(mode="json", by_alias=True)
+
+
+def validated_job_config(raw: Any, job_id: str, work_dir: Path) -> Any:
+    """The JobConfig of a submitted config, validated whole (ConfigError names each bad
+    field). The service places job outputs: output_dir (default
     jobs/<id>) and checkpoint.dir (default output_dir/checkpoints) become absolute under the
     work dir, because a job's driver and its Ray actors run in different directories. A
     config with `kind: eval` is an eval job's (nebula.evaluation.EvalJobConfig)."""
@@ -70,7 +76,7 @@ def validate_job_config(raw: Any, job_id: str, work_dir: Path) -> dict[str, Any]
             [{"field": f, "message": f"relative path {v!r}: give an absolute path (`nebula "
               "submit` resolves relative paths against its working directory)",
               "type": "relative_path"} for f, v in rel])
-    return cfg.model_dump(mode="json", by_alias=True)
+    return cfg
 
 
 class JobService:
@@ -89,12 +95,10 @@ class JobService:
                body: bytes = b"") -> tuple[dict[str, Any], bool]:
         """Validate, write the record, admit. Returns (JobView, created)."""
         job_id = new_job_id()
-        config = validate_job_config(raw, job_id, self.cfg.work_path)
-        cpus, gpus = queue.needs(config)
-        why = queue.fits_at_all((cpus, gpus), self.cfg.quota(tenant))
-        if why:
-            raise ConfigError(f"job can never start: {why}",
-                              [{"field": "rollout", "message": why, "type": "quota"}])
+        model = validated_job_config(raw, job_id, self.cfg.work_path)
+        config = model.model_dump(mode="json", by_alias=True)
+        self._check_fits(tenant, model)
+        cpus, gpus = queue.needs(model)
         body_hash = hashlib.sha256(body + f"|{priority}".encode()).hexdigest()
         key_hash = hashlib.sha256(idempotency_key.encode()).hexdigest() if idempotency_key else None
         record = {"id": job_id, "tenant": tenant, "name": config["name"], "state": "queued",
@@ -113,6 +117,32 @@ class JobService:
         self.store.emit_state(job_id)
         self.schedule()
         return self.view(job_id), True
+
+    def _check_fits(self, tenant: str, model: Any) -> None:
+        """Refuse (ConfigError, HTTP 422) a job that could never start: more CPUs or GPUs
+        than the tenant's quota, or more of any resource than the Ray cluster has in total
+        (where the launcher knows that bound: the embedded Ray head), instead of a job that
+        waits forever for its placement. The messages name the numbers."""
+        from nebula.resources import InsufficientResources, check_capacity
+
+        asked = queue.resources(model)
+        quota = self.cfg.quota(tenant)
+        why = queue.fits_at_all((asked["CPU"], asked["GPU"]), quota, model)
+        if why:
+            keys = [k for k, limit in (("CPU", quota.cpus), ("GPU", quota.gpus))
+                    if limit is not None and asked[k] > limit + 1e-9][:1]
+            raise ConfigError(f"job can never start: {why}", [{
+                "field": queue.fields_asking(model, keys), "message": why, "type": "quota"}])
+        capacity = self.launcher.capacity()
+        if capacity is None:
+            return
+        try:
+            check_capacity(asked, capacity, "the Ray cluster")
+        except InsufficientResources as e:
+            short = [k for k, v in asked.items() if v > capacity.get(k, 0.0) + 1e-9]
+            raise ConfigError(f"job can never start: {e}", [{
+                "field": queue.fields_asking(model, short), "message": str(e),
+                "type": "capacity"}]) from None
 
     def get(self, job_id: str, tenant: str | None) -> dict[str, Any]:
         """The record, if `tenant` may see it (None: an admin sees all)."""
@@ -278,4 +308,5 @@ class JobService:
         return sum(r["state"] in LAUNCHED for r in self.store.active_records())
 
 
-__all__ = ["Conflict", "JobService", "NotFound", "TERMINAL", "validate_job_config"]
+__all__ = ["Conflict", "JobService", "NotFound", "TERMINAL", "validate_job_config",
+           "validated_job_config"]
