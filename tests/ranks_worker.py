@@ -21,7 +21,9 @@ from nebula.losses import group_advantages
 from nebula.v1.trajectory_pb2 import TrajectoryGroup
 
 
-def groups(n_groups: int, seed: int) -> list[TrajectoryGroup]:
+def groups(n_groups: int, seed: int, top_k: int = 0) -> list[TrajectoryGroup]:
+    """Groups of random samples; with `top_k`, each token carries a teacher's top-k (OPD's
+    distillation term, normalised by the step's count of such tokens)."""
     rng = random.Random(seed)
     out = []
     for g in range(n_groups):
@@ -33,7 +35,11 @@ def groups(n_groups: int, seed: int) -> list[TrajectoryGroup]:
             group.samples.add(completion_ids=[rng.randrange(3, 90) for _ in range(c)],
                               behaviour_logprobs=[-rng.uniform(3.0, 6.0) for _ in range(c)],
                               policy_versions=[0] * c, loss_mask=[1] * c, reward=r,
-                              advantage=a if any(rewards) else 0.5)
+                              advantage=a if any(rewards) else 0.5,
+                              teacher_top_k=top_k,
+                              teacher_top_ids=[rng.randrange(3, 90) for _ in range(top_k * c)],
+                              teacher_top_logprobs=[-rng.uniform(0.1, 3.0)
+                                                    for _ in range(top_k * c)])
         out.append(group)
     return out
 
@@ -60,8 +66,9 @@ def main(model_dir: str, zero_stage: int, out_path: str, ckpt_dir: str) -> None:
     dpo = DPO(DPOStage(dataset=DatasetConfig(path="unused.jsonl"), beta=0.5))
     exs = pairs(5, 3)
     dpo.prepare(exs, eng.sequence_logprobs)
-    # GRPO step 1: 6 groups of uneven lengths; step 2: one group, so a second rank has no share
-    for step_groups in (groups(6, 0), groups(1, 1)):
+    # GRPO step 1: 6 groups of uneven lengths with a teacher's top-k (OPD's distillation
+    # term); step 2: one group, so a second rank has no share
+    for step_groups in (groups(6, 0, top_k=2), groups(1, 1)):
         share = split_balanced([group_tokens(g) for g in step_groups], eng.world_size)
         mine = [step_groups[i] for i in share[eng.rank]]
         filler = not mine

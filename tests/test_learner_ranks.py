@@ -1,6 +1,7 @@
 """The learner across data-parallel ranks (gloo on CPU): on fixed batches, 2 ranks (ZeRO-2 and
 ZeRO-3) give the 1-rank run's loss, gradient norm and updated weights over two GRPO steps
-(in one of them a rank has no share of the groups, `learner.shard`) and a DPO step; the group's checkpoint restores
+(one with a teacher's top-k, OPD's distillation term; in the other a rank has no share of
+the groups, `learner.shard`) and a DPO step; the group's checkpoint restores
 into fresh engines that take the same next step."""
 
 from __future__ import annotations
@@ -70,9 +71,10 @@ def test_two_ranks_equal_one_rank(model_dir: str, zero: int, tmp_path: Path) -> 
     dpo = ("loss", "grad_norm", "tokens", "sequences", "examples", "reward_accuracy",
            "reward_margin", "logp_chosen")
     assert len(one["metrics"]) == len(two["metrics"]) == 3
+    assert one["metrics"][0]["distill_kl"] > 0
     for step, (a, b) in enumerate(zip(one["metrics"], two["metrics"])):
         assert b["step_applied"] == 1.0, step
-        for key in (grpo if step < 2 else dpo):
+        for key in (grpo + ("distill_kl",) * (step == 0) if step < 2 else dpo):
             assert b[key] == pytest.approx(a[key], rel=RTOL, abs=ATOL), (step, key)
     assert one["weights"].keys() == two["weights"].keys()
     for name, w in one["weights"].items():
