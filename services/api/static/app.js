@@ -1,4 +1,5 @@
-// Nebula RL dashboard: the job list, and live curves of the selected job from its SSE stream.
+// Nebula RL dashboard: the job list, and of the selected job live curves from its SSE stream,
+// its evaluations (pass@k table) and the progress of each of its stages.
 "use strict";
 
 const $ = (sel) => document.querySelector(sel);
@@ -58,6 +59,10 @@ function when(t) {
   if (t === null || t === undefined || t === "") return "–";
   const d = typeof t === "number" ? new Date(t < 1e12 ? t * 1000 : t) : new Date(t);
   return Number.isNaN(d.getTime()) ? String(t) : d.toLocaleString();
+}
+
+function pct(v) {
+  return typeof v === "number" && Number.isFinite(v) ? `${(v * 100).toFixed(1)}%` : "–";
 }
 
 function el(tag, text, cls) {
@@ -145,7 +150,10 @@ const live = {
   seen: new Set(), // metric seqs already drawn
   x: 0, // x of the last metrics point drawn
   stage: null, // stage of the last metrics point
-  evals: new Set(),
+  evals: new Set(), // keys of the eval records shown
+  evalRows: [], // the eval records, in the job's order
+  job: null, // the job view shown
+  metricsPos: null, // [stage index, step within it] of the newest metrics point
   lastState: "", // state|stage of the last entry in the state list
   eventsPos: "0", // position in the job's events stream (first part of an SSE id)
   rank: null, // progress rank of the job view shown (older snapshots never replace it)
@@ -154,9 +162,12 @@ const live = {
 
 function resetLive() {
   Object.values(charts).forEach((c) => c.reset());
-  Object.assign(live, { seen: new Set(), x: 0, stage: null, evals: new Set(), lastState: "",
-    eventsPos: "0", rank: null, buffer: [] });
+  Object.assign(live, { seen: new Set(), x: 0, stage: null, evals: new Set(), evalRows: [],
+    job: null, metricsPos: null, lastState: "", eventsPos: "0", rank: null, buffer: [] });
   $("#states").replaceChildren();
+  $("#stages tbody").replaceChildren();
+  $("#stages-box").hidden = true;
+  renderEvals();
   $("#log").textContent = "";
 }
 
@@ -181,16 +192,160 @@ function addPoint(p) {
     live.stage = p.stage;
     for (const k of ["reward", "loss", "throughput"]) charts[k].mark(live.x, p.stage);
   }
+  if (advanceStages(p) && live.job) renderStages(live.job);
   charts.reward.add(live.x, p);
   charts.loss.add(live.x, p);
   charts.throughput.add(live.x, p);
 }
 
+const evalKey = (ev) => `${ev.when}|${ev.version ?? ""}|${ev.greedy}|${ev.sampled}`;
+
 function addEval(ev) {
-  const key = `${ev.when}|${ev.version ?? ""}|${ev.greedy}|${ev.sampled}`;
-  if (live.evals.has(key)) return;
+  if (!ev || typeof ev !== "object") return false;
+  const key = evalKey(ev);
+  if (live.evals.has(key)) return false;
   live.evals.add(key);
+  live.evalRows.push(ev);
   charts.accuracy.add(live.evals.size, ev);
+  return true;
+}
+
+// The job's evals (from its view): new ones are added, and the table follows the job's
+// order (a live `eval` event can arrive before the view that lists the earlier ones).
+function mergeEvals(evals) {
+  let added = false;
+  for (const ev of evals) added = addEval(ev) || added;
+  const rank = new Map(evals.map((ev, i) => [evalKey(ev), i]));
+  const order = (ev) => rank.get(evalKey(ev)) ?? evals.length;
+  const sorted = live.evalRows.map((ev, i) => [order(ev), i, ev])
+    .sort((a, b) => a[0] - b[0] || a[1] - b[1]).map((t) => t[2]);
+  const moved = sorted.some((ev, i) => ev !== live.evalRows[i]);
+  live.evalRows = sorted;
+  if (added || moved) renderEvals();
+}
+
+// ---- eval table ---------------------------------------------------------------------------
+
+const ksOf = (rows) => [...new Set(rows.flatMap((r) => Object.keys(r)
+  .map((k) => /^pass@(\d+)$/.exec(k)).filter(Boolean).map((m) => +m[1])))].sort((a, b) => a - b);
+
+// One row per eval record: when, policy version, prompts, greedy, sampled (mean@n) and every
+// pass@k; then a row per domain where the record covers more than one.
+function renderEvals() {
+  const rows = live.evalRows;
+  const ks = ksOf(rows);
+  const ns = new Set(rows.map((r) => r.samples).filter((n) => typeof n === "number"));
+  const sampledHead = ns.size === 1 ? `sampled (mean@${[...ns][0]})` : "sampled (mean@n)";
+  const cols = [["when", "when"], ["version", "policy"], ["prompts", "prompts"],
+    ["greedy", "greedy"], ["sampled", sampledHead], ...ks.map((k) => [`pass@${k}`, `pass@${k}`])];
+  const head = el("tr");
+  for (const [key, label] of cols) {
+    const th = el("th", label);
+    th.dataset.col = key;
+    head.appendChild(th);
+  }
+  $("#evals thead").replaceChildren(head);
+  const body = [];
+  const line = (values, cls) => {
+    const tr = el("tr", undefined, cls);
+    for (const [key] of cols) {
+      const td = el("td", values[key] ?? "–");
+      td.dataset.col = key;
+      tr.appendChild(td);
+    }
+    body.push(tr);
+    return tr;
+  };
+  const metrics = (m, sampled) => Object.fromEntries([["greedy", pct(m.greedy)],
+    ["sampled", pct(sampled)], ...ks.map((k) => [`pass@${k}`, pct(m[`pass@${k}`])])]);
+  rows.forEach((r, i) => {
+    const tr = line({ when: String(r.when ?? "–"),
+      version: r.version != null ? `v${r.version}` : "–",
+      prompts: r.prompts != null ? String(r.prompts) : "–", ...metrics(r, r.sampled) }, "eval");
+    tr.dataset.evalIndex = String(i);
+    if (typeof r.eval_s === "number") tr.title = `evaluated in ${r.eval_s.toFixed(1)} s`;
+    const by = r.by_domain && typeof r.by_domain === "object" ? r.by_domain : {};
+    const domains = Object.keys(by).sort();
+    if (domains.length < 2) return;
+    for (const d of domains) {
+      const m = by[d] || {};
+      const n = typeof m.samples === "number" ? m.samples : r.samples;
+      const sampled = m[`mean@${n}`] ?? (r.sampled_by_domain || {})[d];
+      const sub = line({ when: `· ${d}`, version: "",
+        prompts: m.prompts != null ? String(m.prompts) : "–",
+        ...metrics({ greedy: (r.greedy_by_domain || {})[d], ...m }, sampled) }, "eval-domain");
+      sub.dataset.evalIndex = String(i);
+      sub.dataset.domain = d;
+    }
+  });
+  $("#evals tbody").replaceChildren(...body);
+  $("#evals").hidden = !rows.length;
+  $("#evals-empty").hidden = rows.length > 0;
+}
+
+// ---- stage progress -----------------------------------------------------------------------
+
+const stageIndex = (name) => { const m = /(\d+)$/.exec(name || ""); return m ? +m[1] : -1; };
+const configStages = (job) => (Array.isArray(job?.config?.stages) ? job.config.stages : []);
+const ahead = (a, b) => !b || a[0] > b[0] || (a[0] === b[0] && a[1] > b[1]);
+
+// The job's record is updated by polling the learner; its metrics points arrive as each
+// step ends. A point's `step` counts the steps of every stage: the stage's own step is that
+// minus the earlier stages' configured steps. True when the position moved forward.
+function advanceStages(p) {
+  const stages = configStages(live.job);
+  const idx = stageIndex(p.stage);
+  if (idx < 0 || idx >= stages.length || !Number.isInteger(p.step)) return false;
+  const before = stages.slice(0, idx).reduce((a, st) => a + (+st.steps || 0), 0);
+  const steps = +stages[idx].steps || Infinity;
+  const pos = [idx, Math.min(Math.max(p.step - before, 0), steps)];
+  if (!ahead(pos, live.metricsPos)) return false;
+  live.metricsPos = pos;
+  return true;
+}
+
+// A row per stage of the job's config: stages before the current one are done (full), the
+// current one is at its step (the record's or the metrics', whichever is further), later
+// ones are empty.
+function renderStages(job) {
+  const stages = configStages(job);
+  $("#stages-box").hidden = !stages.length;
+  if (!stages.length) return;
+  let [cur, step] = [stageIndex(job.stage), job.step || 0];
+  if (live.metricsPos && ahead(live.metricsPos, [cur, step])) {
+    [cur, step] = live.metricsPos;
+  }
+  const body = $("#stages tbody");
+  if (body.children.length !== stages.length) {
+    body.replaceChildren(...stages.map(() => {
+      const tr = el("tr");
+      const bar = el("progress");
+      const cell = el("td", undefined, "progress");
+      cell.append(bar, el("span"));
+      tr.append(el("td"), el("td"), el("td"), cell);
+      return tr;
+    }));
+  }
+  stages.forEach((st, i) => {
+    const steps = Number.isInteger(st.steps) ? st.steps : (i === cur ? job.total_steps : null);
+    let done = i < cur ? steps : i === cur ? Math.min(step, steps ?? Infinity) : 0;
+    if (done == null) done = 0;
+    let phase = i < cur ? "done" : i > cur ? "pending"
+      : steps != null && done >= steps ? "done" : ACTIVE.has(job.state) ? "running" : "stopped";
+    if (i === cur && job.state === "succeeded") phase = "done";
+    const tr = body.children[i];
+    const name = `${st.type ?? "stage"}${i}`;
+    Object.assign(tr.dataset, { stage: name, type: String(st.type ?? ""), done: String(done),
+      steps: String(steps ?? ""), phase });
+    tr.className = `stage-row ${phase}`;
+    tr.children[0].textContent = String(i);
+    tr.children[1].textContent = String(st.type ?? "–");
+    tr.children[2].textContent = steps != null ? String(steps) : "–";
+    const [bar, label] = tr.children[3].children;
+    bar.max = steps || 1;
+    bar.value = steps ? done : 0;
+    label.textContent = `${done} / ${steps ?? "?"}${phase === "running" ? " · running" : ""}`;
+  });
 }
 
 function addLog(line) {
@@ -202,11 +357,13 @@ function addLog(line) {
 }
 
 function showJob(job) {
-  (job.evals || []).forEach(addEval);
+  mergeEvals(Array.isArray(job.evals) ? job.evals : []);
   if (ui.rows.has(job.id)) renderRow(job);
   const rank = rankOf(job);
   if (live.rank && !notOlder(rank, live.rank)) return;
   live.rank = rank;
+  live.job = job;
+  renderStages(job);
   $("#job-title").textContent = `${job.name || "job"} · ${job.id}`;
   const st = $("#job-state");
   st.textContent = stateText(job);
@@ -292,8 +449,7 @@ function openStream(id) {
   }));
   es.addEventListener("eval", mine((ev) => {
     if (ev.lastEventId) live.eventsPos = eventsPos(ev);
-    const d = data(ev);
-    if (d) addEval(d);
+    if (addEval(data(ev))) renderEvals();
   }));
   es.addEventListener("log", mine((ev) => {
     if (ev.lastEventId) live.eventsPos = eventsPos(ev);
