@@ -36,19 +36,6 @@ from nebula.evaluation import (EvalJobConfig, evaluation_metrics, flat_scalars,
 ProgressFn = Callable[[dict[str, Any]], None]
 STAGE = "eval0"  # the stage name progress reports carry (job records show stage/step)
 
-# Row fields (passed as metadata) a verifier cannot score without, checked before generation.
-VERIFIER_NEEDS: dict[str, tuple[str, ...]] = {
-    "ifeval": ("instruction_id_list",),
-    "reasoning_gym": ("task", "entry"),
-}
-
-
-# Verifiers that need each row's reference, unless the row passes one of these fields as
-# metadata instead (the others, plug-ins included, decide for themselves).
-REFERENCE_NEEDED: dict[str, tuple[str, ...]] = {"exact": (), "math": ("answer",),
-                                                "regex": ("pattern",)}
-
-
 class EvalInputError(ValueError):
     """Bad input of an eval job, found before any generation; the message names the file
     and the field."""
@@ -223,7 +210,7 @@ class EvalRunner:
         and field); returns each dataset's number of prompts."""
         from transformers import AutoTokenizer
 
-        from nebula.prompts import DatasetError, _read_rows, context_len, load_prompt_rows
+        from nebula.prompts import DatasetError, context_len, load_prompt_rows
 
         cfg = self.cfg
         self.model_path = resolve_model(cfg, self.log)
@@ -237,38 +224,19 @@ class EvalRunner:
             raise EvalInputError(f"sampling.max_tokens: {cfg.sampling.max_tokens} completion "
                                  f"tokens leave no room for a prompt in the model's {ctx}-token "
                                  "context (model.max_model_len)")
+        from nebula.inputs import InputError, check_inputs
+
+        try:  # files, parsing, the fields each dataset's verifier reads
+            check_inputs(cfg)
+        except InputError as e:
+            raise EvalInputError(str(e)) from None
         tok = AutoTokenizer.from_pretrained(self.model_path)
         sizes = []
         for i, d in enumerate(cfg.datasets):
-            where = f"datasets.{i}"
-            if not Path(d.path).is_file():
-                raise EvalInputError(f"{where}.path: dataset file not found: {d.path}")
             try:
                 rows = load_prompt_rows(d, tok, budget)
             except DatasetError as e:
-                raise EvalInputError(f"{where}: {e}") from None
-            except Exception as e:  # noqa: BLE001 - a file `datasets` cannot parse
-                msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-                raise EvalInputError(f"{where}.path: cannot read {d.path} as "
-                                     f"{'parquet' if d.path.endswith('.parquet') else 'jsonl'}"
-                                     f": {type(e).__name__}: {msg}"[:1000]) from None
-            raw = _read_rows(d)  # the reference as the file has it (missing: None)
-            for r in rows:
-                alt = REFERENCE_NEEDED.get(r.verifier)
-                if alt is not None and raw[r.index].get(d.reference_field) in (None, "") \
-                        and all(r.metadata.get(a) in (None, "") for a in alt):
-                    raise EvalInputError(
-                        f"{where}: {d.path} row {r.index}: missing reference field "
-                        f"{d.reference_field!r}, which verifier {r.verifier!r} needs")
-                for need in VERIFIER_NEEDS.get(r.verifier, ()):
-                    if need not in d.metadata_fields:
-                        raise EvalInputError(
-                            f"{where}.metadata_fields: verifier {r.verifier!r} needs the row "
-                            f"field {need!r} of {d.path} passed as metadata")
-                    if r.metadata.get(need) is None:
-                        raise EvalInputError(
-                            f"{d.path} row {r.index}: missing field {need!r}, which verifier "
-                            f"{r.verifier!r} needs ({where})")
+                raise EvalInputError(f"datasets.{i}: {e}") from None
             sizes.append(len(rows))
         return sizes
 

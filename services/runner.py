@@ -109,9 +109,11 @@ class JobRunner:
         preference row too long, an unrouted mopd domain)."""
         from transformers import AutoTokenizer
 
+        from nebula.inputs import check_inputs
         from nebula.prompts import context_len, load_prompt_rows
 
         cfg = self.cfg
+        check_inputs(cfg)  # files, parsing, each row's fields (what the API checks at submit)
         ctx = context_len(cfg.model)
         budget = ctx - cfg.rollout.max_tokens
         if budget <= 0:

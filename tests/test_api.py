@@ -156,6 +156,29 @@ def test_quota_that_can_never_fit_is_422(srv: ApiServer, job_cfg: dict[str, Any]
         assert r.status_code == 422 and "CPUs" in r.json()["detail"][0]["message"]
 
 
+def test_inputs_it_can_see_are_checked_at_submission(srv: ApiServer, job_cfg: dict[str, Any],
+                                                      tmp_path: Path) -> None:
+    """The embedded service shares its jobs' filesystem: a missing dataset or a held-out row
+    without the answer its verifier needs is a 422 naming the field, and nothing is queued."""
+    bad = json.loads(json.dumps(job_cfg))
+    gone = tmp_path / "typo_train.jsonl"
+    bad["datasets"]["train"][0]["path"] = str(gone)
+    held = tmp_path / "held.jsonl"
+    held.write_text('{"prompt": "1+2=", "answer": "3"}\n{"prompt": "2+2="}\n')
+    bad["datasets"]["eval"]["path"] = str(held)
+    with srv.client("tok-a") as a:
+        before = len(tenant_jobs(a))
+        r = create(a, bad)
+        assert r.status_code == 422, r.text
+        assert r.json()["detail"] == [
+            {"field": "datasets.train.0.path", "type": "missing_path",
+             "message": f"dataset file not found: {gone}"},
+            {"field": "datasets.eval.reference_field", "type": "dataset_row",
+             "message": f"{held} row 1: missing reference field 'answer', which verifier "
+                        "'exact' needs"}], r.json()
+        assert len(tenant_jobs(a)) == before
+
+
 def test_unknown_job_is_404(srv: ApiServer) -> None:
     with srv.client("tok-a") as a, srv.client(ADMIN) as admin:
         for c in (a, admin):

@@ -163,6 +163,8 @@ def test_queue_position_reads_stay_flat_with_many_active_jobs(store: Any) -> Non
 class FlakyLauncher:
     """Ray's job head refusing submissions for a while, as right after it started."""
 
+    embedded = False  # a configured cluster: its jobs' files are not the service's to check
+
     def __init__(self, fails: int, error: str) -> None:
         self.fails, self.error, self.submitted = fails, error, []
 

@@ -282,7 +282,7 @@ def test_bad_input_named_before_generation(toy: dict[str, Path]) -> None:
     no_ref.write_text('{"prompt": "rev ab=", "answer": "ba"}\n{"prompt": "rev cd="}\n')
     cfg = eval_cfg(toy, "bad")
     cfg["datasets"][0]["path"] = str(no_ref)
-    with pytest.raises(EvalInputError, match=rf"datasets\.0: {no_ref} row 1: missing "
+    with pytest.raises(EvalInputError, match=rf"datasets\.0\.reference_field: {no_ref} row 1: missing "
                                              r"reference field 'answer'"):
         _preflight(cfg)
 

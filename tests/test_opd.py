@@ -163,8 +163,10 @@ def test_preflight_rejects_unrouted_row_domains(tmp_path: Path) -> None:
                                                            "d": "rev"},
             {"prompt": "2*2=", "answer": "4", "d": "mul"}]
     (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    model = str(tmp_path / "m")  # the teachers' paths are checked too: any real model will do
     cfg = load_model(JobConfig, _job(tmp_path, datasets={"train": [
-        {"path": str(tmp_path / "rows.jsonl"), "domain_field": "d", "verifier": "exact"}]}))
+        {"path": str(tmp_path / "rows.jsonl"), "domain_field": "d", "verifier": "exact"}]},
+        teachers=[{"name": "t-add", "path": model}, {"name": "t-rev", "path": model}]))
     with pytest.raises(ValueError, match=r"stages.0.routing: .*'mul'"):
         JobRunner(cfg, log=lambda s: None).preflight()
 

@@ -73,6 +73,12 @@ class Algorithm:
                   train_domains: Sequence[str]) -> None:
         """Errors found by reading the data, before any worker starts."""
 
+    def row_fields(self, dataset: Any) -> tuple[str, ...]:
+        """The fields besides the prompt this stage reads from every row of `dataset` (any of
+        the job's datasets; () if it reads none). What a verifier needs is the dataset's own
+        (nebula.inputs checks both, at submission and in the preflight)."""
+        return ()
+
     # -- teachers ------------------------------------------------------------------------------
 
     def teachers(self) -> list[str]:

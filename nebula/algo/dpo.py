@@ -63,6 +63,11 @@ class DPO(Algorithm):
         return load_preference_rows(st.dataset, tokenizer, st.chosen_field, st.rejected_field,
                                     max_tokens)
 
+    def row_fields(self, dataset: DatasetConfig) -> tuple[str, ...]:
+        st = self.stage
+        return (st.chosen_field, st.rejected_field) \
+            if dataset is st.dataset or dataset is st.eval_dataset else ()
+
     def preflight(self, where: str, tokenizer: Any, context_len: int,
                   train_domains: Sequence[str]) -> None:
         self._rows(tokenizer, context_len)

@@ -29,6 +29,9 @@ class SFT(Algorithm):
     def dataset(self) -> DatasetConfig:
         return self.stage.dataset or self.job.datasets.train[0]
 
+    def row_fields(self, dataset: DatasetConfig) -> tuple[str, ...]:
+        return (dataset.reference_field,) if dataset is self.dataset() else ()  # the target
+
     def preflight(self, where: str, tokenizer: Any, context_len: int,
                   train_domains: Sequence[str]) -> None:
         from nebula.prompts import load_prompt_rows

@@ -98,6 +98,13 @@ class JobService:
         model = validated_job_config(raw, job_id, self.cfg.work_path)
         config = model.model_dump(mode="json", by_alias=True)
         self._check_fits(tenant, model)
+        if self.launcher.embedded:  # its jobs see this filesystem: check what they will read
+            from nebula.inputs import input_problems
+
+            problems = input_problems(model)
+            if problems:
+                raise ConfigError("job config: bad input(s): " + "; ".join(
+                    f"{p['field']}: {p['message']}" for p in problems[:3]), problems)
         cpus, gpus = queue.needs(model)
         body_hash = hashlib.sha256(body + f"|{priority}".encode()).hexdigest()
         key_hash = hashlib.sha256(idempotency_key.encode()).hexdigest() if idempotency_key else None
