@@ -35,7 +35,8 @@ measure another stage).
 
 Memory settings: micro-batch 8 sequences of 64 prompt + 1,024 completion tokens (one
 micro-batch), activation checkpointing on, `logits_chunk` positions of full-vocabulary
-logits at a time (`--chunk`).
+logits at a time (`--chunk`); the LM head fused (the learner's: gradients by hand, one
+weight-gradient buffer) and autograd's checkpointed chunks side by side (`--head`).
 
 Throughput: learner tokens/s (trained tokens per second of grpo_step wall time) on
 `--tp-seqs` sequences with completions uniformly 64-1,024 tokens (vocab 49,152), token-budget
@@ -155,6 +156,8 @@ def child(case: dict[str, Any]) -> dict[str, Any]:
     from learner.ds_engine import DSLearnerEngine
     from nebula.config.job import LearnerConfig
 
+    if case.get("head") == "checkpointed":  # the autograd path, for the side-by-side figure
+        learner.logprobs._fusable = lambda head: False
     backend = setup_distributed_env("cpu")
     deepspeed.init_distributed(dist_backend=backend)
 
@@ -223,6 +226,10 @@ def main() -> int:
     ap.add_argument("--only", choices=list(VOCABS), help="one vocabulary only")
     ap.add_argument("--mlp-tile", type=int, default=2048,
                     help="DSLearnerEngine mlp_tile_tokens (0: MLPs not tiled)")
+    ap.add_argument("--head", default="both", choices=["fused", "checkpointed", "both"],
+                    help="LM head path of the memory cases: the learner's (fused: gradients "
+                    "by hand, one weight-gradient buffer), autograd's checkpointed chunks, or "
+                    "both side by side (the last line reports the fused one)")
     ap.add_argument("--glibc", default="tuned", choices=["tuned", "default"])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--tp-seqs", type=int, default=8)
@@ -250,25 +257,33 @@ def main() -> int:
                             str(ROOT), str(model), str(vocab)], check=True, cwd=ROOT,
                            capture_output=True)
             chunk = args.chunk or (256 if vocab < 100_000 else 64)
-            case = {"model": str(model), "vocab": vocab, "seqs": 8, "prompt": prompt,
-                    "completion": [completion, completion], "zero": args.zero,
-                    "dtype": args.dtype, "ckpt": not args.no_ckpt, "chunk": chunk,
-                    "threads": args.threads, "steps": 1, "warmup": True, "budget": args.budget,
-                    "mlp_tile": args.mlp_tile or None}
-            r = run_case(case, args.glibc)
-            ratios[name] = r["ratio"]
-            h = r["held"]
-            print(f"vocab {vocab:,} ({h['params'] / 1e6:.1f}M params), ZeRO-{args.zero} "
-                  f"{args.dtype}, 8 x ({prompt} + {completion}) tokens in "
-                  f"{r['micro_batches']:.0f} micro-batch(es), "
-                  f"activation checkpointing {'on' if case['ckpt'] else 'off'} (MLP tiles "
-                  f"{case['mlp_tile'] or 'off'}), "
-                  f"logits_chunk {chunk}, glibc {args.glibc}: peak {r['peak_mib']:,.0f} MiB, "
-                  f"floor {r['floor_mib']:,.0f} MiB (weights {h['weights'] / MiB:,.0f} + grads "
-                  f"{h['grads'] / MiB:,.0f} + optimizer {h['optimizer_states'] / MiB:,.0f}"
-                  f" + master/fp32 grads {h['master_and_fp32_grads'] / MiB:,.0f}) -> "
-                  f"peak/floor {r['ratio']:.3f}; step time "
-                  f"{r['step_s'][-1]:.0f} s", flush=True)
+            peaks = {}
+            for head in (("checkpointed", "fused") if args.head == "both" else (args.head,)):
+                case = {"model": str(model), "vocab": vocab, "seqs": 8, "prompt": prompt,
+                        "completion": [completion, completion], "zero": args.zero,
+                        "dtype": args.dtype, "ckpt": not args.no_ckpt, "chunk": chunk,
+                        "threads": args.threads, "steps": 1, "warmup": True,
+                        "budget": args.budget, "mlp_tile": args.mlp_tile or None, "head": head}
+                r = run_case(case, args.glibc)
+                peaks[head] = r["peak_mib"]
+                if head == "fused" or args.head != "both":
+                    ratios[name] = r["ratio"]
+                h = r["held"]
+                print(f"vocab {vocab:,} ({h['params'] / 1e6:.1f}M params), ZeRO-{args.zero} "
+                      f"{args.dtype}, 8 x ({prompt} + {completion}) tokens in "
+                      f"{r['micro_batches']:.0f} micro-batch(es), "
+                      f"activation checkpointing {'on' if case['ckpt'] else 'off'} (MLP tiles "
+                      f"{case['mlp_tile'] or 'off'}), logits_chunk {chunk}, {head} head, "
+                      f"glibc {args.glibc}: peak {r['peak_mib']:,.0f} MiB, "
+                      f"floor {r['floor_mib']:,.0f} MiB (weights {h['weights'] / MiB:,.0f} + "
+                      f"grads {h['grads'] / MiB:,.0f} + optimizer "
+                      f"{h['optimizer_states'] / MiB:,.0f} + master/fp32 grads "
+                      f"{h['master_and_fp32_grads'] / MiB:,.0f}) -> peak/floor "
+                      f"{r['ratio']:.3f}; step time {r['step_s'][-1]:.0f} s", flush=True)
+            if len(peaks) == 2:
+                print(f"vocab {vocab:,}: fused head peak {peaks['fused']:,.0f} MiB vs "
+                      f"checkpointed {peaks['checkpointed']:,.0f} MiB "
+                      f"({peaks['fused'] - peaks['checkpointed']:+,.0f} MiB)", flush=True)
         tps: dict[tuple[str, bool], float] = {}
         if not args.skip_throughput and not args.only:
             model = work / "49k"

@@ -4,11 +4,12 @@ The decoder runs once over the micro-batch's rows (padded or packed, `learner.pa
 gives the final hidden states. Only the positions that predict a completion token are kept
 ([M, H]); the LM head, log_softmax(logits / temperature), the gathered log-prob of the next
 token and, when asked, the log-probs at the teacher's top-k ids and the entropy are computed
-`chunk` positions at a time, each chunk under non-reentrant `torch.utils.checkpoint`: the
-backward pass recomputes a chunk's logits instead of keeping them, so at most one chunk's
-[chunk, V] float32 logits (and their gradient) exist at any time, in either pass. This is the
-idea of torchtitan's chunked loss and Liger's fused linear cross-entropy, kept in autograd so
-that any loss (GRPO, distillation) can sit on top. The results are scattered back to the
+`chunk` positions at a time: the backward pass recomputes a chunk's logits instead of keeping
+them, so at most one chunk's [chunk, V] float32 logits (and their gradient) exist at any time,
+in either pass. This is the idea of torchtitan's chunked loss and Liger's fused linear
+cross-entropy, with any loss (GRPO, distillation) on top of the per-token outputs. A plain
+linear head runs `_FusedHead` (gradients by hand, one weight-gradient buffer); others, and
+ZeRO-3's partitioned head, run each chunk under non-reentrant `torch.utils.checkpoint`. The results are scattered back to the
 micro-batch's [S, T] per-token layout (0 at the positions not computed).
 
 DeepSpeed: the whole computation runs inside the engine's forward (the wrapped model's
@@ -113,15 +114,107 @@ def _chunk_fn(head: torch.nn.Module, temperature: float, with_entropy: bool) -> 
     return run
 
 
+class _FusedHead(torch.autograd.Function):
+    """The chunked head of a bias-free linear LM head with its gradients written by hand, so
+    the backward pass holds ONE weight-gradient buffer: each chunk's recomputed logits give
+    its grad_hidden rows and are added into that buffer in place (addmm_). Under autograd
+    (the checkpointed path) every chunk's weight gradient is a fresh [V, H] tensor summed
+    into the previous ones, two vocabulary-sized tensors at once; at a 151k vocabulary that
+    is ~350 MB more peak memory (bench/memory.py). The embedding's gradient of a tied head
+    is then added to this buffer by autograd, as before.
+
+    d log p(y) / d z = onehot(y) - softmax(z) for z = logits / temperature, so per chunk
+    grad_z = scatter(g_token at y) + scatter(g_top at top ids) - softmax(z) * (g_token +
+    sum g_top), and grad_logits = grad_z / temperature. Entropy carries no gradient."""
+
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                top_ids: torch.Tensor | None, temperature: float, chunk: int,
+                with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        M = hidden.shape[0]
+        k = 0 if top_ids is None else top_ids.shape[-1]
+        token = hidden.new_empty(M, dtype=torch.float32)
+        top = hidden.new_empty(M, k, dtype=torch.float32)
+        entropy = hidden.new_empty(M if with_entropy else 0, dtype=torch.float32)
+        lse = hidden.new_empty(M, dtype=torch.float32)
+        for s in range(0, M, chunk):
+            e = min(s + chunk, M)
+            z = (hidden[s:e] @ weight.t()).float()
+            if temperature != 1.0:
+                z.div_(temperature)
+            lse[s:e] = torch.logsumexp(z, dim=-1)
+            token[s:e] = z.gather(-1, targets[s:e].unsqueeze(-1)).squeeze(-1) - lse[s:e]
+            if k:
+                top[s:e] = z.gather(-1, top_ids[s:e]) - lse[s:e].unsqueeze(-1)  # type: ignore[index]
+            if with_entropy:  # H = lse - sum_v p_v * z_v
+                p = (z - lse[s:e].unsqueeze(-1)).exp_()
+                entropy[s:e] = lse[s:e] - torch.einsum("cv,cv->c", p, z)
+                del p
+        ctx.save_for_backward(hidden, weight, targets, top_ids, lse)
+        ctx.temperature, ctx.chunk = temperature, chunk
+        ctx.mark_non_differentiable(entropy)
+        return token, top, entropy
+
+    @staticmethod
+    def backward(ctx: Any, g_token: torch.Tensor | None, g_top: torch.Tensor | None,
+                 _g_entropy: Any) -> tuple[Any, ...]:
+        hidden, weight, targets, top_ids, lse = ctx.saved_tensors
+        T, chunk, M = ctx.temperature, ctx.chunk, hidden.shape[0]
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros_like(weight) if need_w else None
+        if g_top is not None and g_top.numel() == 0:
+            g_top = None
+        for s in range(0, M, chunk):
+            e = min(s + chunk, M)
+            gz = (hidden[s:e] @ weight.t()).float()
+            if T != 1.0:
+                gz.div_(T)
+            gz.sub_(lse[s:e].unsqueeze(-1)).exp_()  # softmax(z), in place
+            total = hidden.new_zeros(e - s, dtype=torch.float32)
+            if g_token is not None:
+                total += g_token[s:e]
+            if g_top is not None:
+                total += g_top[s:e].sum(-1)
+            gz.mul_(-total.unsqueeze(-1))
+            if g_token is not None:
+                gz.scatter_add_(-1, targets[s:e].unsqueeze(-1), g_token[s:e].unsqueeze(-1))
+            if g_top is not None:
+                gz.scatter_add_(-1, top_ids[s:e], g_top[s:e].float())
+            if T != 1.0:
+                gz.div_(T)
+            g = gz.to(weight.dtype)
+            del gz
+            if grad_h is not None:
+                torch.mm(g, weight, out=grad_h[s:e])
+            if grad_w is not None:
+                grad_w.addmm_(g.t(), hidden[s:e])
+        return grad_h, grad_w, None, None, None, None, None
+
+
+def _fusable(head: torch.nn.Module) -> bool:
+    """A bias-free linear head whose weight is all here. ZeRO-3 partitions parameters (its
+    `ds_id` ones): there the head is called as a module, under checkpointing, so ZeRO's hooks
+    gather the weight."""
+    return isinstance(head, torch.nn.Linear) and head.bias is None \
+        and not hasattr(head.weight, "ds_id")
+
+
 def head_logprobs(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
                   top_ids: torch.Tensor | None = None, temperature: float = 1.0,
-                  chunk: int = 1024, with_entropy: bool = False
+                  chunk: int = 1024, with_entropy: bool = False, fused: bool | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """hidden [M, H] final hidden states -> ([M] log-prob of `targets`, [M, k] log-probs at
-    `top_ids`, [M] entropy), `chunk` rows at a time; each chunk is checkpointed when autograd
-    records, so its logits are recomputed in the backward pass instead of kept."""
-    run = _chunk_fn(head, float(temperature), with_entropy)
+    `top_ids`, [M] entropy), `chunk` rows at a time. `fused` (default: where the head allows,
+    `_fusable`) runs _FusedHead; else each chunk is checkpointed when autograd records, so its
+    logits are recomputed in the backward pass instead of kept."""
     chunk = max(int(chunk), 1)
+    if fused if fused is not None else _fusable(head):
+        token, top_all, ent = _FusedHead.apply(hidden, head.weight, targets, top_ids,
+                                               float(temperature), chunk, with_entropy)
+        return token, (top_all if top_ids is not None else None), \
+            (ent if with_entropy else None)
+    run = _chunk_fn(head, float(temperature), with_entropy)
     grad = torch.is_grad_enabled()
     tokens, tops, ents = [], [], []
     for s in range(0, hidden.shape[0], chunk):
