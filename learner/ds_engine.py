@@ -177,9 +177,14 @@ class DSLearnerEngine(EngineWeights, EngineScoring):
         """The micro-batches of one optimizer step on `batch` (from the config)."""
         from learner.packing import plan_micro_batches
 
+        from learner.logprobs import SEGMENT_ATTENTION
+
         c = self.cfg
+        # Shared prompts need the segment attention (transformers' masks cannot express them).
+        share = c.share_prompts and getattr(self.module.config, "_attn_implementation",
+                                            None) == SEGMENT_ATTENTION
         return plan_micro_batches(batch, c.micro_batch, c.max_tokens_per_micro_batch, c.packing,
-                                  whole_groups)
+                                  whole_groups, share_prompts=share)
 
     def _logprobs(self, model: Any, mb: MicroBatch, with_top: bool = False,
                   with_entropy: bool = False, temperature: float | None = None
@@ -292,7 +297,7 @@ class DSLearnerEngine(EngineWeights, EngineScoring):
     def _layout_metrics(mbs: list[MicroBatch]) -> dict[str, float]:
         model_tok = sum(mb.model_tokens for mb in mbs)
         real = sum(mb.real_tokens for mb in mbs)
-        return {"micro_batches": float(len(mbs)),
+        return {"micro_batches": float(len(mbs)), "forward_tokens": float(model_tok),
                 "pad_frac": 1.0 - real / model_tok if model_tok else 0.0}
 
     # ------------------------------------------------------------------ training

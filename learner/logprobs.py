@@ -21,7 +21,10 @@ its (possibly tied) weight through its hooks, in the forward and in the recomput
 Attention for packed rows: transformers builds a block-diagonal causal mask from the
 `position_ids` (correct, but attention then costs (sum of lengths)^2 instead of the sum of
 squares). `use_segment_attention(model)` installs an attention function that runs each packed
-sequence as its own causal block (same sdpa kernel), used when the model has it.
+sequence as its own causal block (same sdpa kernel), used when the model has it. A segment
+whose prompt is shared by several completions (`learner.packing`, shared prompts) runs as one
+block under a mask: the prompt causal, each completion seeing the prompt and itself. Only
+the segment attention can run such rows; transformers' own mask cannot express them.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 SEGMENT_ATTENTION = "nebula_segments"
 _SEQ_LENS_KWARG = "nebula_seq_lens"
+_MASKS_KWARG = "nebula_segment_masks"
 
 
 @dataclass
@@ -53,19 +57,21 @@ def _segment_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.
                        value: torch.Tensor, attention_mask: torch.Tensor | None,
                        dropout: float = 0.0, scaling: float | None = None,
                        **kwargs: Any) -> tuple[torch.Tensor, None]:
-    """sdpa, but a packed row (`nebula_seq_lens` given) runs one causal block per sequence."""
+    """sdpa, but a packed row (`nebula_seq_lens` given) runs one causal block per sequence, or
+    per shared-prompt segment under its mask (`nebula_segment_masks`)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     seq_lens = kwargs.pop(_SEQ_LENS_KWARG, None)
+    masks = kwargs.pop(_MASKS_KWARG, None) or [None] * len(seq_lens or ())
     if seq_lens is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask,
                                       dropout=dropout, scaling=scaling, **kwargs)
     outs, start = [], 0
-    for n in seq_lens:
+    for n, mask in zip(seq_lens, masks):
         out, _ = sdpa_attention_forward(
             module, query[:, :, start:start + n], key[:, :, start:start + n],
-            value[:, :, start:start + n], None, dropout=dropout, scaling=scaling,
-            is_causal=True, **kwargs)
+            value[:, :, start:start + n], mask, dropout=dropout, scaling=scaling,
+            is_causal=mask is None, **kwargs)
         outs.append(out)  # [1, n, heads, head_dim]
         start += n
     return torch.cat(outs, dim=1), None
@@ -233,19 +239,38 @@ def head_logprobs(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Te
     return token, top, entropy
 
 
+def branch_mask(branches: tuple[int, ...], device: Any = None) -> torch.Tensor:
+    """[1, 1, n, n] bool attention mask of one shared-prompt segment (prompt length, completion
+    lengths...): position q sees k <= q of the prompt or of q's own completion."""
+    part = torch.repeat_interleave(torch.arange(len(branches), device=device),
+                                   torch.tensor(branches, device=device))
+    n = part.numel()
+    causal = torch.ones(n, n, dtype=torch.bool, device=device).tril_()
+    return (causal & ((part[None, :] == 0) | (part[None, :] == part[:, None])))[None, None]
+
+
 def _scored_forward(hf: Any, input_ids: torch.Tensor, position_ids: torch.Tensor | None,
-                    seq_lens: list[int] | None, src: torch.Tensor, targets: torch.Tensor,
-                    top_ids: torch.Tensor | None, temperature: float, chunk: int,
-                    with_entropy: bool) -> dict[str, torch.Tensor]:
+                    seq_lens: list[int] | None, branches: list[tuple[int, ...]] | None,
+                    src: torch.Tensor, targets: torch.Tensor, top_ids: torch.Tensor | None,
+                    temperature: float, chunk: int, with_entropy: bool
+                    ) -> dict[str, torch.Tensor]:
     """Decoder + chunked head at the `src` positions; a dict of tensors (what DeepSpeed's
     output hooks walk)."""
     kwargs: dict[str, Any] = {"use_cache": False}
+    segments = hf.config._attn_implementation == SEGMENT_ATTENTION
+    if branches is not None and not segments:
+        raise ValueError("shared-prompt rows need the segment attention (an sdpa model with "
+                         "learner.logprobs.use_segment_attention); this model runs "
+                         f"{hf.config._attn_implementation!r}")
     if seq_lens is not None:
-        if hf.config._attn_implementation == SEGMENT_ATTENTION:
+        if segments:
             # A mask of ones keeps transformers from building the block-diagonal mask the
             # segment attention does not need; the sequence lengths delimit the blocks.
             kwargs["attention_mask"] = torch.ones_like(input_ids)
             kwargs[_SEQ_LENS_KWARG] = seq_lens
+            if branches is not None:
+                kwargs[_MASKS_KWARG] = [branch_mask(b, input_ids.device) if b else None
+                                        for b in branches]
         # else: no mask, and transformers detects the packing from the position ids.
     decoder = hf.get_decoder()
     hidden = decoder(input_ids=input_ids, position_ids=position_ids, **kwargs).last_hidden_state
@@ -291,7 +316,8 @@ def micro_batch_logprobs(model: Any, mb: MicroBatch, temperature: float = 1.0,
     _check_supported(hf)
     top_ids = mb.top_ids() if with_top else None
     kwargs = {"input_ids": mb.input_ids, "position_ids": mb.position_ids,
-              "seq_lens": mb.seq_lens, "src": mb.src, "targets": mb.targets(),
+              "seq_lens": mb.seq_lens, "branches": mb.branches, "src": mb.src,
+              "targets": mb.targets(),
               "top_ids": top_ids, "temperature": temperature, "chunk": chunk,
               "with_entropy": with_entropy}
     if hf is model:

@@ -14,6 +14,14 @@ sequences in one of two layouts:
   block-diagonal causal mask (sdpa/eager), and `learner.logprobs`' segment attention runs
   each sequence separately instead (`cu_seq_lens`).
 
+* shared prompts (`learner.share_prompts`, packed only): the samples of one group share their
+  prompt, so a packed row holds it ONCE followed by each sample's completion, position ids
+  continuing from the prompt's end in every completion: a tree of segments. Each completion
+  attends to the prompt and to itself (the segment attention builds that mask), so every
+  log-prob and gradient is what the sample would get alone, while the prompt's tokens run
+  once per micro-batch instead of once per sample (GRPO's groups of 8: prompts are most of
+  the tokens when answers are short).
+
 Either way a micro-batch carries `src`/`dst`, the flat positions of the scored tokens in the
 model's rows and in the `Batch`'s [S, T] layout, so log-probs computed on the model's layout
 are scattered back to the layout the losses use: per-sequence normalisation, group indices and
@@ -45,9 +53,12 @@ class MicroBatch:
     index: torch.Tensor                 # [S] their rows in the optimizer batch
     input_ids: torch.Tensor             # [R, N] model input rows
     position_ids: torch.Tensor | None   # [R, N] (packed: restarting at 0 per sequence)
-    seq_lens: list[int] | None          # packed: the sequences' lengths along the one row
+    seq_lens: list[int] | None          # packed: the segments' lengths along the one row
     src: torch.Tensor                   # [M] scored positions, flat in the rows [R * N]
     dst: torch.Tensor                   # [M] the same positions, flat in the batch [S * T]
+    # Shared prompts: per segment, () for one plain sequence, or (prompt length, completion
+    # lengths...) for a prompt shared by several completions. None: every segment is plain.
+    branches: list[tuple[int, ...]] | None = None
 
     @property
     def packed(self) -> bool:
@@ -60,8 +71,9 @@ class MicroBatch:
 
     @property
     def real_tokens(self) -> int:
-        """Tokens of the sequences (no padding)."""
-        return int(self.batch.lengths.sum())
+        """Tokens of the sequences the forward pass processes (no padding; packed rows have
+        none, and a shared prompt counts once)."""
+        return self.model_tokens if self.packed else int(self.batch.lengths.sum())
 
     def targets(self) -> torch.Tensor:
         """[M] the token each scored position predicts."""
@@ -105,6 +117,83 @@ def packed_micro_batch(batch: Batch, index: torch.Tensor | None = None) -> Micro
         index = torch.arange(batch.size, device=dev)
     return MicroBatch(batch=batch, index=index, input_ids=ids, position_ids=pos, seq_lens=lens,
                       src=offsets[rows] + cols, dst=rows * T + cols)
+
+
+def prompt_runs(batch: Batch) -> list[list[int]]:
+    """Rows that can share one prompt: same group and identical non-empty prompt tokens, in
+    order of first appearance (a row with an empty prompt is alone: its first completion token
+    has no predicting position to share)."""
+    runs: dict[tuple, list[int]] = {}
+    for row, (g, p) in enumerate(zip(batch.group_index.tolist(), batch.prompt_lens.tolist())):
+        key = (g, tuple(batch.input_ids[row, :p].tolist())) if p else ("alone", row)
+        runs.setdefault(key, []).append(row)
+    return list(runs.values())
+
+
+def shared_micro_batch(batch: Batch, index: torch.Tensor | None = None) -> MicroBatch:
+    """The sequences of `batch` packed into one row, each prompt once per `prompt_runs` run
+    followed by its rows' completions (see the module docstring)."""
+    dev = batch.input_ids.device
+    P = batch.prompt_lens.tolist()
+    C = (batch.lengths - batch.prompt_lens).tolist()
+    ids, pos, seq_lens, branches = [], [], [], []
+    prompt_at = [0] * batch.size   # flat offset of each row's prompt in the packed row
+    comp_at = [0] * batch.size     # ... and of its completion
+    offset = 0
+    for run in prompt_runs(batch):
+        p = P[run[0]]
+        ids.append(batch.input_ids[run[0], :p])
+        pos.append(torch.arange(p, device=dev))
+        start, at = offset, offset + p
+        for r in run:
+            ids.append(batch.input_ids[r, p:p + C[r]])
+            pos.append(torch.arange(p, p + C[r], device=dev))
+            prompt_at[r], comp_at[r] = start, at
+            at += C[r]
+        seq_lens.append(at - start)
+        branches.append(() if len(run) == 1 else (p, *(C[r] for r in run)))
+        offset = at
+    rows, cols = _scored(batch)
+    T = batch.mask.shape[1]
+    p_rows = batch.prompt_lens[rows]
+    src = torch.where(cols < p_rows, torch.tensor(prompt_at, device=dev)[rows] + cols,
+                      torch.tensor(comp_at, device=dev)[rows] + cols - p_rows)
+    if index is None:
+        index = torch.arange(batch.size, device=dev)
+    return MicroBatch(batch=batch, index=index, input_ids=torch.cat(ids).unsqueeze(0),
+                      position_ids=torch.cat(pos).unsqueeze(0), seq_lens=seq_lens, src=src,
+                      dst=rows * T + cols, branches=branches if any(branches) else None)
+
+
+def shared_bins(batch: Batch, max_tokens: int) -> list[list[int]]:
+    """Token-budget bins of whole prompt runs (a run's cost: its prompt once plus its
+    completions; a run over the budget is split into pieces that each repeat the prompt),
+    first-fit decreasing by cost."""
+    P = batch.prompt_lens.tolist()
+    C = (batch.lengths - batch.prompt_lens).tolist()
+    pieces: list[tuple[int, list[int]]] = []
+    for run in prompt_runs(batch):
+        cost, piece = P[run[0]], []
+        for r in run:
+            if piece and cost + C[r] > max_tokens:
+                pieces.append((cost, piece))
+                cost, piece = P[run[0]], []
+            piece.append(r)
+            cost += C[r]
+        pieces.append((cost, piece))
+    pieces.sort(key=lambda x: -x[0])
+    bins: list[list[int]] = []
+    costs: list[int] = []
+    for cost, piece in pieces:
+        for b in range(len(bins)):
+            if costs[b] + cost <= max_tokens:
+                bins[b] += piece
+                costs[b] += cost
+                break
+        else:
+            bins.append(list(piece))
+            costs.append(cost)
+    return bins
 
 
 def token_bins(lengths: Sequence[int], max_tokens: int, packing: bool) -> list[list[int]]:
@@ -160,11 +249,13 @@ def whole_group_bins(batch: Batch, micro_batch: int, max_tokens: int | None, pac
 
 
 def plan_micro_batches(batch: Batch, micro_batch: int, max_tokens: int | None = None,
-                       packing: bool = True, whole_groups: bool = False) -> list[MicroBatch]:
+                       packing: bool = True, whole_groups: bool = False,
+                       share_prompts: bool = False) -> list[MicroBatch]:
     """The micro-batches of one optimizer step (see the module docstring): `micro_batch`
     consecutive sequences each (padded) when `max_tokens` is None, else token-budget groups,
     packed into one row each when `packing`; with `whole_groups`, consecutive whole groups
-    (`whole_group_bins`)."""
+    (`whole_group_bins`). `share_prompts` (packed rows only) packs each group's prompt once
+    (`shared_bins`, `shared_micro_batch`)."""
     if whole_groups:
         groups = whole_group_bins(batch, micro_batch, max_tokens, packing)
         packing = packing and max_tokens is not None
@@ -172,9 +263,13 @@ def plan_micro_batches(batch: Batch, micro_batch: int, max_tokens: int | None = 
         size = max(int(micro_batch), 1)
         groups = [list(range(i, min(i + size, batch.size))) for i in range(0, batch.size, size)]
         packing = False
+    elif packing and share_prompts:
+        groups = shared_bins(batch, int(max_tokens))
     else:
         groups = token_bins([int(n) for n in batch.lengths.tolist()], int(max_tokens), packing)
-    make = packed_micro_batch if packing else padded_micro_batch
+    make = padded_micro_batch
+    if packing:
+        make = shared_micro_batch if share_prompts else packed_micro_batch
     out = []
     for g in groups:
         index = torch.tensor(g, dtype=torch.long, device=batch.input_ids.device)

@@ -113,12 +113,12 @@ def dataset_problems(field: str, d: DatasetConfig, fields: tuple[str, ...] = (),
                      scored: bool = True) -> list[dict[str, str]]:
     """Errors of one dataset at config field `field`: unreadable, empty, or rows lacking their
     prompt, the `fields` a stage reads, or (`scored`) what their verifier reads."""
-    from nebula.prompts import _read_rows
+    from nebula.prompts import read_rows
 
     if not Path(d.path).is_file():
         return [problem(f"{field}.path", f"dataset file not found: {d.path}", "missing_path")]
     try:
-        rows = _read_rows(d)
+        rows = read_rows(d)
     except Exception as e:  # noqa: BLE001 - whatever `datasets` cannot parse
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         kind = "parquet" if d.path.endswith(".parquet") else "jsonl"

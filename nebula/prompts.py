@@ -16,11 +16,13 @@ sends them to the engine as token ids and records them in the trajectory unchang
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from nebula.config.job import DatasetConfig, ModelConfig
 
@@ -45,10 +47,31 @@ class PromptRow:
         return str(self.index)
 
 
-def _read_rows(cfg: DatasetConfig) -> list[dict[str, Any]]:
+_READ: ContextVar[dict[tuple[str, int | None], list[dict[str, Any]]] | None] = ContextVar(
+    "nebula_dataset_rows", default=None)
+
+
+@contextlib.contextmanager
+def rows_read_once() -> Iterator[None]:
+    """Inside the block each dataset file is parsed once: a preflight checks every row's
+    fields, then tokenizes the same rows. Outside it nothing is kept (a long-lived process,
+    the API, holds no dataset in memory)."""
+    token = _READ.set({})
+    try:
+        yield
+    finally:
+        _READ.reset(token)
+
+
+def read_rows(cfg: DatasetConfig) -> list[dict[str, Any]]:
+    """The rows of a jsonl/parquet dataset (its first `limit`); read-only."""
     path = Path(cfg.path)
     if not path.is_file():
         raise DatasetError(f"dataset file not found: {path}")
+    cache = _READ.get()
+    key = (str(path.resolve()), cfg.limit)
+    if cache is not None and key in cache:
+        return cache[key]
     import datasets
 
     datasets.disable_progress_bars()
@@ -56,7 +79,10 @@ def _read_rows(cfg: DatasetConfig) -> list[dict[str, Any]]:
     ds = datasets.load_dataset(kind, data_files=str(path), split="train")
     if cfg.limit:
         ds = ds.select(range(min(cfg.limit, len(ds))))
-    return list(ds)
+    rows = list(ds)
+    if cache is not None:
+        cache[key] = rows
+    return rows
 
 
 def context_len(model: ModelConfig) -> int:
@@ -146,7 +172,7 @@ def load_prompt_rows(cfg: DatasetConfig, tokenizer: Any, max_prompt_tokens: int 
     length minus `rollout.max_tokens`) refuses a row whose prompt leaves no room."""
     check_template_options(cfg, tokenizer)
     rows = []
-    for i, row in enumerate(_read_rows(cfg)):
+    for i, row in enumerate(read_rows(cfg)):
         where = f"{cfg.path} row {i}"
         if cfg.prompt_field not in row:
             raise DatasetError(f"{where}: missing prompt field {cfg.prompt_field!r}")
@@ -234,7 +260,7 @@ def load_preference_rows(cfg: DatasetConfig, tokenizer: Any, chosen_field: str,
     without either response, or longer than `max_tokens`, is an error naming the row."""
     check_template_options(cfg, tokenizer)
     out = []
-    for i, row in enumerate(_read_rows(cfg)):
+    for i, row in enumerate(read_rows(cfg)):
         where = f"{cfg.path} row {i}"
         for name in (cfg.prompt_field, chosen_field, rejected_field):
             if row.get(name) is None:

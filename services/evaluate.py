@@ -208,6 +208,12 @@ class EvalRunner:
     def preflight(self) -> list[int]:
         """Every error of the input before an engine starts (EvalInputError naming the file
         and field); returns each dataset's number of prompts."""
+        from nebula.prompts import rows_read_once
+
+        with rows_read_once():  # the field checks and the tokenizing parse each file once
+            return self._preflight()
+
+    def _preflight(self) -> list[int]:
         from transformers import AutoTokenizer
 
         from nebula.prompts import DatasetError, context_len, load_prompt_rows
@@ -242,14 +248,14 @@ class EvalRunner:
 
     def _check_verifiers(self, address: str) -> None:
         from nebula.clients.verifier import VerifierClient
-        from nebula.prompts import _read_rows
+        from nebula.prompts import read_rows
 
         with VerifierClient(address) as client:
             known = {v["name"] for v in client.list_verifiers()}
         for i, d in enumerate(self.cfg.datasets):
             names = {d.verifier}
             if d.verifier_field:
-                names |= {str(r[d.verifier_field]) for r in _read_rows(d)
+                names |= {str(r[d.verifier_field]) for r in read_rows(d)
                           if r.get(d.verifier_field)}
             unknown = sorted(names - known)
             if unknown:

@@ -107,6 +107,12 @@ class JobRunner:
         file or row: a context too short for `rollout.max_tokens`, a prompt that does not fit
         beside it, chat options the tokenizer cannot honour, and each stage's own (an SFT or
         preference row too long, an unrouted mopd domain)."""
+        from nebula.prompts import rows_read_once
+
+        with rows_read_once():  # the field checks and the tokenizing parse each file once
+            self._preflight()
+
+    def _preflight(self) -> None:
         from transformers import AutoTokenizer
 
         from nebula.inputs import check_inputs

@@ -284,16 +284,22 @@ def _assert_same_step(a: tuple[dict, dict], b: tuple[dict, dict]) -> None:
 
 @pytest.mark.parametrize("norm", ["token", "sequence"])
 def test_token_budget_and_packing_give_the_same_step(model_dir: str, norm: str) -> None:
-    """Fixed-count micro-batches, token-budget padded ones and packed rows: same loss, grad
-    norm and updated weights (float32, tolerance 1e-4 relative: sums in another order)."""
+    """Fixed-count micro-batches, token-budget padded ones, packed rows and packed rows with
+    shared prompts: same loss, grad norm and updated weights (float32, tolerance 1e-4
+    relative: sums in another order)."""
     fixed = _sgd_step(model_dir, micro_batch=2, loss_norm=norm)
     padded = _sgd_step(model_dir, micro_batch=2, loss_norm=norm, max_tokens_per_micro_batch=20,
                        packing=False, logits_chunk=5)
     packed = _sgd_step(model_dir, micro_batch=2, loss_norm=norm, max_tokens_per_micro_batch=20,
-                       packing=True, logits_chunk=5)
+                       packing=True, share_prompts=False, logits_chunk=5)
+    shared = _sgd_step(model_dir, micro_batch=2, loss_norm=norm, max_tokens_per_micro_batch=20,
+                       packing=True, logits_chunk=5)  # share_prompts: on by default
     assert fixed[0]["micro_batches"] == 5 and fixed[0]["pad_frac"] > 0
     assert packed[0]["pad_frac"] == 0 and packed[0]["micro_batches"] < fixed[0]["micro_batches"]
-    for other in (padded, packed):
+    # 3 groups x 3 samples: each group's prompt runs once instead of three times
+    assert shared[0]["pad_frac"] == 0
+    assert shared[0]["forward_tokens"] < packed[0]["forward_tokens"]
+    for other in (padded, packed, shared):
         _assert_same_step(other, fixed)
         assert other[0]["entropy"] == pytest.approx(fixed[0]["entropy"], rel=1e-5)
 

@@ -142,3 +142,25 @@ def test_unreadable_empty_and_many_bad_rows(tmp_path: Path) -> None:
     assert len(got) == ROWS_REPORTED + 1, got
     assert got[-1] == {"field": "datasets.train.0.path", "type": "dataset_row", "message":
                        f"{many}: 12 rows lack fields (the first {ROWS_REPORTED} are listed)"}
+
+
+def test_preflight_reads_each_dataset_once(tmp_path: Path, monkeypatch: Any) -> None:
+    """Inside rows_read_once (a job's preflight: field checks, then tokenizing) a dataset file
+    is parsed once; outside it every call reads the file again (nothing kept)."""
+    import datasets
+
+    from nebula.config.job import DatasetConfig
+    from nebula.prompts import read_rows, rows_read_once
+
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"prompt": "a", "reference": "1"}\n{"prompt": "b", "reference": "2"}\n')
+    calls = []
+    load = datasets.load_dataset
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: calls.append(a) or load(*a, **k))
+    d = DatasetConfig(path=str(path))
+    with rows_read_once():
+        assert read_rows(d) == read_rows(d)
+        assert len(read_rows(d.model_copy(update={"limit": 1}))) == 1
+    assert len(calls) == 2  # one per (file, limit)
+    read_rows(d)
+    assert len(calls) == 3

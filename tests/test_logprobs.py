@@ -20,7 +20,8 @@ pytest.importorskip("transformers")
 from learner.batch import Batch, collate  # noqa: E402
 from learner.logprobs import (SEGMENT_ATTENTION, micro_batch_logprobs,  # noqa: E402
                               use_segment_attention)
-from learner.packing import packed_micro_batch, padded_micro_batch  # noqa: E402
+from learner.packing import (packed_micro_batch, padded_micro_batch,  # noqa: E402
+                             shared_micro_batch)
 from nebula.v1.trajectory_pb2 import TrajectoryGroup  # noqa: E402
 
 VOCAB = 61
@@ -130,6 +131,42 @@ def test_packed_row_equals_padded_rows(attn: str) -> None:
     torch.testing.assert_close(tok_b, tok_a, rtol=0, atol=1e-5)
     for k in g_a:
         torch.testing.assert_close(g_b[k], g_a[k], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_shared_prompts_equal_padded_rows(tied: bool) -> None:
+    """Groups of 3 samples packed with each prompt once (completions attending to the prompt
+    and to themselves, position ids continuing from the prompt): the padded rows' token and
+    top-k log-probs, entropy and parameter gradients (float32, atol 1e-5 / rtol 1e-4), with
+    a temperature, a chunk that does not divide the scored positions, tied and untied heads
+    and GQA (4 query heads, 2 KV heads)."""
+    model = tiny_llama(tied=tied)
+    use_segment_attention(model)
+    batch = collate(groups(seed=6, top_k=3, n_groups=4, n=3), pad_id=0)
+    sel = batch.completion_mask > 0
+    w = torch.randn(batch.mask.shape, generator=torch.Generator().manual_seed(7)) * sel
+    w_top = torch.randn(batch.teacher_top_ids.shape,
+                        generator=torch.Generator().manual_seed(8)) * sel.unsqueeze(-1)
+    results = []
+    for make in (padded_micro_batch, shared_micro_batch):
+        mb = make(batch)
+        out = micro_batch_logprobs(model, mb, temperature=0.8, chunk=7, with_top=True,
+                                   with_entropy=True)
+        ((out.token * w).sum() + (out.top * w_top).sum()).backward()
+        results.append((out, _grads(model), mb))
+        model.zero_grad(set_to_none=True)
+    (a, g_a, _), (b, g_b, shared) = results
+    assert shared.branches is not None and all(len(x) == 4 for x in shared.branches)
+    assert shared.model_tokens < int(batch.lengths.sum())
+    for x, y in ((b.token, a.token), (b.top, a.top), (b.entropy, a.entropy)):
+        torch.testing.assert_close(x.detach(), y.detach(), rtol=0, atol=1e-5)
+    assert g_a.keys() == g_b.keys()
+    for k in g_a:
+        torch.testing.assert_close(g_b[k], g_a[k], rtol=1e-4, atol=1e-6)
+    # transformers' own masks cannot express a shared prompt: refused, not silently wrong
+    plain = tiny_llama()
+    with pytest.raises(ValueError, match="segment attention"):
+        micro_batch_logprobs(plain, shared)
 
 
 def test_segment_attention_keeps_plain_forward_and_export_config(tmp_path: Any) -> None:

@@ -11,7 +11,7 @@ torch = pytest.importorskip("torch")
 
 from learner.batch import collate  # noqa: E402
 from learner.packing import (packed_micro_batch, padded_micro_batch,  # noqa: E402
-                             plan_micro_batches, token_bins)
+                             plan_micro_batches, shared_bins, shared_micro_batch, token_bins)
 from nebula.v1.trajectory_pb2 import TrajectoryGroup  # noqa: E402
 
 
@@ -87,3 +87,50 @@ def test_sequence_fields_follow_the_selection() -> None:
         full = batch.advantages[mb.index]
         assert torch.equal(sub.advantages, full[:, :sub.mask.shape[1]])
         assert sub.num_tokens == int(batch.mask[mb.index].sum())
+
+
+def _shared_groups() -> list[TrajectoryGroup]:
+    """Group 0: prompt [1, 2, 3] with completions of 2, 1 and 3 tokens; group 1: prompt [4]
+    with one completion; group 2: an empty prompt with two completions."""
+    out = []
+    for g, (prompt, comps) in enumerate([([1, 2, 3], [[10, 11], [20], [30, 31, 32]]),
+                                         ([4], [[40, 41]]), ([], [[50, 51], [60]])]):
+        group = TrajectoryGroup(group_id=f"g{g}", prompt_ids=prompt)
+        for c in comps:
+            group.samples.add(completion_ids=c, advantage=1.0)
+        out.append(group)
+    return out
+
+
+def test_shared_prompt_row_layout_maps_back_to_sequences() -> None:
+    batch = collate(_shared_groups(), pad_id=0)
+    mb = shared_micro_batch(batch)
+    # group 0's prompt once, then its completions; an empty prompt cannot be shared
+    assert mb.input_ids[0].tolist() == [1, 2, 3, 10, 11, 20, 30, 31, 32, 4, 40, 41, 50, 51, 60]
+    assert mb.position_ids[0].tolist() == [0, 1, 2, 3, 4, 3, 3, 4, 5, 0, 1, 2, 0, 1, 0]
+    assert mb.seq_lens == [9, 3, 2, 1] and mb.branches == [(3, 2, 1, 3), (), (), ()]
+    assert mb.model_tokens == mb.real_tokens == 15
+    assert int(batch.lengths.sum()) == 21  # unshared: group 0's prompt three times
+    rows = mb.input_ids.reshape(-1)
+    # the scored position of (sequence, column) predicts the same token in both layouts; all
+    # three completions of group 0 are predicted from the prompt's last position first
+    assert rows[mb.src[:3]].tolist() == [3, 10, 3]
+    assert mb.targets().tolist() == [10, 11, 20, 30, 31, 32, 40, 41, 51]
+    pad = padded_micro_batch(batch)
+    assert pad.input_ids.reshape(-1)[pad.src + 1].tolist() == mb.targets().tolist()
+    assert pad.dst.tolist() == mb.dst.tolist()
+
+
+def test_shared_bins_keep_groups_whole_within_the_budget() -> None:
+    batch = collate(_shared_groups(), pad_id=0)
+    # costs: group 0 = 3 + 6 = 9, group 1 = 3, the two empty-prompt rows 2 and 1; first fit
+    # decreasing: 9 + 1 | 3 + 2
+    assert shared_bins(batch, 10) == [[0, 1, 2, 5], [3, 4]]
+    # a budget of 6 splits group 0 into pieces that each carry the prompt: 3+2+1 | 3+3
+    bins = shared_bins(batch, 6)
+    assert sorted(i for b in bins for i in b) == list(range(6))
+    assert [0, 1] in bins and [2] in bins
+    plan = plan_micro_batches(batch, micro_batch=4, max_tokens=10, packing=True,
+                              share_prompts=True)
+    assert [mb.model_tokens for mb in plan] == [10, 5]
+    assert all(mb.model_tokens <= 10 for mb in plan)

@@ -131,6 +131,11 @@ class LearnerConfig(Strict):
         True, description="With `max_tokens_per_micro_batch`: concatenate a micro-batch's "
         "sequences into one row with per-sequence position ids (no padding; attention stays "
         "within each sequence). False: right-padded rows.")
+    share_prompts: bool = Field(
+        True, description="With `packing`: a group's samples are packed as their prompt once "
+        "followed by each completion (which attends to the prompt and to itself), so the "
+        "learner runs each prompt once per micro-batch instead of once per sample; the "
+        "log-probs and gradients are the same. Needs sdpa attention (else ignored).")
     activation_checkpointing: bool = Field(
         False, description="Recompute each layer's activations in the backward pass instead "
         "of keeping them (less memory, ~1/3 more compute).")
