@@ -40,8 +40,8 @@ weight-gradient buffer) and autograd's checkpointed chunks side by side (`--head
 
 Throughput: learner tokens/s (trained tokens per second of grpo_step wall time) on
 `--tp-seqs` sequences with completions uniformly 64-1,024 tokens (vocab 49,152), token-budget
-micro-batches of `--tp-budget` tokens, padded vs packed, fp32 vs bf16; activation
-checkpointing on. `--threads` torch threads (default 1: this machine's learner has one core).
+micro-batches of `--tp-budget` tokens, padded vs packed, fp32 vs bf16, and packed with
+shared prompts (groups of 4 share their 64-token prompt); activation checkpointing on. `--threads` torch threads (default 1: this machine's learner has one core).
 
 Last line: `memory peak/floor_49k=<r> peak/floor_151k=<r>`. `--quick`: short sequences.
 """
@@ -166,6 +166,7 @@ def child(case: dict[str, Any]) -> dict[str, Any]:
     cfg = LearnerConfig(zero_stage=case["zero"], device="cpu", lr=1e-5, micro_batch=case["seqs"],
                         max_tokens_per_micro_batch=case.get("budget"),
                         packing=case.get("packing", True),
+                        share_prompts=case.get("share", False),
                         activation_checkpointing=case["ckpt"], logits_chunk=case["chunk"])
     base = _rss()
     t0 = time.perf_counter()
@@ -284,29 +285,34 @@ def main() -> int:
                 print(f"vocab {vocab:,}: fused head peak {peaks['fused']:,.0f} MiB vs "
                       f"checkpointed {peaks['checkpointed']:,.0f} MiB "
                       f"({peaks['fused'] - peaks['checkpointed']:+,.0f} MiB)", flush=True)
-        tps: dict[tuple[str, bool], float] = {}
+        tps: dict[tuple[str, bool, bool], float] = {}
         if not args.skip_throughput and not args.only:
             model = work / "49k"
-            for dtype in ("float32", "bfloat16"):
-                for packing in (False, True):
-                    case = {"model": str(model), "vocab": VOCABS["49k"], "seqs": args.tp_seqs,
-                            "prompt": prompt, "completion": list(tp_completion),
-                            "zero": args.zero, "dtype": dtype, "ckpt": True, "chunk": 256,
-                            "threads": args.threads, "steps": 1, "warmup": True,
-                            "budget": tp_budget, "packing": packing,
-                            "mlp_tile": args.mlp_tile or None}
-                    r = run_case(case, args.glibc)
-                    tps[(dtype, packing)] = r["tokens_per_s"]
-                    print(f"throughput {dtype} {'packed' if packing else 'padded'}: "
-                          f"{r['tokens_per_s']:.1f} trained tok/s ({r['tokens']:.0f} trained "
-                          f"tokens, {r['real_tokens']} with prompts, {r['micro_batches']:.0f} "
-                          f"micro-batches of <= {tp_budget} tokens, padding "
-                          f"{r['pad_frac']:.1%}, step {r['step_s'][-1]:.1f} s, peak "
-                          f"{r['peak_mib']:,.0f} MiB)", flush=True)
-            f32, b16 = (tps[("float32", True)], tps[("float32", False)]), \
-                (tps[("bfloat16", True)], tps[("bfloat16", False)])
+            for dtype, packing, share in (("float32", False, False), ("float32", True, False),
+                                          ("float32", True, True), ("bfloat16", False, False),
+                                          ("bfloat16", True, False)):
+                case = {"model": str(model), "vocab": VOCABS["49k"], "seqs": args.tp_seqs,
+                        "prompt": prompt, "completion": list(tp_completion),
+                        "zero": args.zero, "dtype": dtype, "ckpt": True, "chunk": 256,
+                        "threads": args.threads, "steps": 1, "warmup": True,
+                        "budget": tp_budget, "packing": packing, "share": share,
+                        "mlp_tile": args.mlp_tile or None}
+                r = run_case(case, args.glibc)
+                tps[(dtype, packing, share)] = r["tokens_per_s"]
+                layout = ("packed, shared prompts" if share else "packed") if packing \
+                    else "padded"
+                print(f"throughput {dtype} {layout}: "
+                      f"{r['tokens_per_s']:.1f} trained tok/s ({r['tokens']:.0f} trained "
+                      f"tokens, {r['real_tokens']} with prompts, {r['micro_batches']:.0f} "
+                      f"micro-batches of <= {tp_budget} tokens, padding "
+                      f"{r['pad_frac']:.1%}, step {r['step_s'][-1]:.1f} s, peak "
+                      f"{r['peak_mib']:,.0f} MiB)", flush=True)
+            f32, b16 = (tps[("float32", True, False)], tps[("float32", False, False)]), \
+                (tps[("bfloat16", True, False)], tps[("bfloat16", False, False)])
+            shared = tps[("float32", True, True)]
             print(f"learner tokens/s packed/padded: fp32 {f32[0] / f32[1]:.2f}x, bf16 "
-                  f"{b16[0] / b16[1]:.2f}x; bf16/fp32 (packed) {b16[0] / f32[0]:.2f}x")
+                  f"{b16[0] / b16[1]:.2f}x; bf16/fp32 (packed) {b16[0] / f32[0]:.2f}x; shared "
+                  f"prompts/packed (fp32) {shared / f32[0]:.2f}x")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print("memory " + " ".join(f"peak/floor_{k}={v:.3f}" for k, v in ratios.items()))
