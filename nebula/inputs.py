@@ -49,13 +49,17 @@ def _datasets(node: Any, loc: str = "") -> Iterator[tuple[str, DatasetConfig]]:
             yield from _datasets(item, f"{loc}.{i}")
 
 
-def _missing_paths(cfg: BaseModel) -> list[dict[str, str]]:
+def _missing_paths(cfg: BaseModel, datasets: set[str]) -> list[dict[str, str]]:
+    """Input paths that do not exist, except the `datasets` fields (dataset_problems reports
+    those, with more detail)."""
     from nebula.config.paths import input_paths
 
     out = []
     model = getattr(cfg, "model", None)
     for loc, value in input_paths(cfg):
         field = ".".join(map(str, loc))
+        if field in datasets:
+            continue
         if loc[-1] == "import_dir":
             continue  # an output: where a .gguf is imported to
         if loc == ("model", "path") and getattr(model, "toy", None) is not None:
@@ -148,8 +152,7 @@ def input_problems(cfg: BaseModel) -> list[dict[str, str]]:
     from nebula.algo import algorithm
 
     datasets = list(_datasets(cfg))
-    own = {f"{loc}.path" for loc, _ in datasets}
-    out = [p for p in _missing_paths(cfg) if p["field"] not in own]
+    out = _missing_paths(cfg, {f"{loc}.path" for loc, _ in datasets})
     algos = [algorithm(st, cfg) for st in getattr(cfg, "stages", [])]  # type: ignore[arg-type]
     rewarded = any(a.online and a.uses_verdicts for a in algos)
     for field, d in datasets:

@@ -94,7 +94,11 @@ class JobRunner:
         with embedded_stack(self.cfg, self.out / "services") as stack:
             self.summary["redis_url"] = stack["redis_url"]
             self._kill_service = stack.get("kill")
-            self._check_teachers(stack.get("teacher_address"))
+            from services.preflight import check_teachers
+
+            teachers = check_teachers(self.cfg, stack.get("teacher_address"), self.log)
+            if teachers:
+                self.summary["teachers"] = teachers
             self._run_stages(stack)
         self.summary["wall_s"] = time.monotonic() - t_job
         (self.out / "summary.json").write_text(json.dumps(self.summary, indent=2, default=str))
@@ -103,69 +107,10 @@ class JobRunner:
     # -- checks before anything starts -------------------------------------------------------
 
     def preflight(self) -> None:
-        """Errors a job is refused for before any service or worker starts, naming the field,
-        file or row: a context too short for `rollout.max_tokens`, a prompt that does not fit
-        beside it, chat options the tokenizer cannot honour, and each stage's own (an SFT or
-        preference row too long, an unrouted mopd domain)."""
-        from nebula.prompts import rows_read_once
+        """Bad input refused before any service or worker starts (`services.preflight`)."""
+        from services.preflight import preflight
 
-        with rows_read_once():  # the field checks and the tokenizing parse each file once
-            self._preflight()
-
-    def _preflight(self) -> None:
-        from transformers import AutoTokenizer
-
-        from nebula.inputs import check_inputs
-        from nebula.prompts import context_len, load_prompt_rows
-
-        cfg = self.cfg
-        check_inputs(cfg)  # files, parsing, each row's fields (what the API checks at submit)
-        ctx = context_len(cfg.model)
-        budget = ctx - cfg.rollout.max_tokens
-        if budget <= 0:
-            raise ValueError(f"rollout.max_tokens: {cfg.rollout.max_tokens} completion tokens "
-                             f"leave no room for a prompt in the model's {ctx}-token context "
-                             "(model.max_model_len)")
-        tp = cfg.rollout.tensor_parallel_size
-        if tp > 1:
-            from transformers import AutoConfig
-
-            mc = AutoConfig.from_pretrained(cfg.model.path)
-            heads = [getattr(mc, "num_attention_heads", 0),
-                     getattr(mc, "num_key_value_heads", None) or 0]
-            if any(h % tp for h in heads if h):
-                raise ValueError(f"rollout.tensor_parallel_size: {tp} does not divide the "
-                                 f"model's attention heads ({heads[0]}) and KV heads "
-                                 f"({heads[1]}) of {cfg.model.path}")
-        tok = AutoTokenizer.from_pretrained(cfg.model.path)
-        train = [r for d in cfg.datasets.train for r in load_prompt_rows(d, tok, budget)]
-        if cfg.datasets.eval is not None:
-            load_prompt_rows(cfg.datasets.eval, tok, budget)
-        domains = sorted({r.domain for r in train})
-        for i, st in enumerate(cfg.stages):
-            algorithm(st, cfg).preflight(f"stages.{i}", tok, ctx, domains)
-        from nebula.trackers import check_trackers
-
-        check_trackers(cfg)  # logging.wandb / logging.mlflow asked for but not installed
-        if cfg.resume_from:  # intact, and of this job: else refused here, naming the fields
-            from nebula.checkpoints import resolve_resume
-
-            self.resume_path = str(resolve_resume(cfg.resume_from, self.log, cfg))
-
-    def _check_teachers(self, address: str | None) -> None:
-        """Every teacher the stages name is hosted and shares the student's tokenizer."""
-        names = self.cfg.teacher_names()
-        if not names:
-            return
-        from nebula.clients.teacher import TeacherClient, check_compatible
-
-        assert address is not None
-        with TeacherClient(address) as client:
-            client.wait_ready()
-            for n in names:
-                info = check_compatible(client, n, self.cfg.model.path)
-                self.summary.setdefault("teachers", {})[n] = info["version"]
-                self.log(f"teacher {n} (version {info['version']}) at {address}")
+        self.resume_path = preflight(self.cfg, self.log)
 
     # -- actors ------------------------------------------------------------------------------
 
