@@ -52,7 +52,7 @@ class MicroBatch:
     batch: Batch                        # the sequences, padded per-token layout [S, T]
     index: torch.Tensor                 # [S] their rows in the optimizer batch
     input_ids: torch.Tensor             # [R, N] model input rows
-    position_ids: torch.Tensor | None   # [R, N] (packed: restarting at 0 per sequence)
+    position_ids: torch.Tensor | None   # [R, N] (packed: from 0 per segment)
     seq_lens: list[int] | None          # packed: the segments' lengths along the one row
     src: torch.Tensor                   # [M] scored positions, flat in the rows [R * N]
     dst: torch.Tensor                   # [M] the same positions, flat in the batch [S * T]
@@ -106,17 +106,13 @@ def padded_micro_batch(batch: Batch, index: torch.Tensor | None = None) -> Micro
 
 def packed_micro_batch(batch: Batch, index: torch.Tensor | None = None) -> MicroBatch:
     """The sequences of `batch` concatenated into one row without padding."""
-    dev = batch.input_ids.device
-    lens = [int(n) for n in batch.lengths.tolist()]
-    ids = torch.cat([batch.input_ids[s, :n] for s, n in enumerate(lens)]).unsqueeze(0)
-    pos = torch.cat([torch.arange(n, device=dev) for n in lens]).unsqueeze(0)
-    offsets = torch.tensor([0] + lens[:-1], device=dev).cumsum(0)
-    rows, cols = _scored(batch)
-    T = batch.mask.shape[1]
-    if index is None:
-        index = torch.arange(batch.size, device=dev)
-    return MicroBatch(batch=batch, index=index, input_ids=ids, position_ids=pos, seq_lens=lens,
-                      src=offsets[rows] + cols, dst=rows * T + cols)
+    return _packed_row(batch, [[r] for r in range(batch.size)], index)
+
+
+def shared_micro_batch(batch: Batch, index: torch.Tensor | None = None) -> MicroBatch:
+    """The sequences of `batch` packed into one row, each prompt once per `prompt_runs` run
+    followed by its rows' completions (see the module docstring)."""
+    return _packed_row(batch, prompt_runs(batch), index)
 
 
 def prompt_runs(batch: Batch) -> list[list[int]]:
@@ -130,9 +126,10 @@ def prompt_runs(batch: Batch) -> list[list[int]]:
     return list(runs.values())
 
 
-def shared_micro_batch(batch: Batch, index: torch.Tensor | None = None) -> MicroBatch:
-    """The sequences of `batch` packed into one row, each prompt once per `prompt_runs` run
-    followed by its rows' completions (see the module docstring)."""
+def _packed_row(batch: Batch, runs: list[list[int]], index: torch.Tensor | None) -> MicroBatch:
+    """One row of segments, one per run of rows sharing a prompt: the prompt once, then each
+    row's completion with position ids continuing from the prompt's end (a run of one row is
+    a plain sequence, positions 0..n-1)."""
     dev = batch.input_ids.device
     P = batch.prompt_lens.tolist()
     C = (batch.lengths - batch.prompt_lens).tolist()
@@ -140,7 +137,7 @@ def shared_micro_batch(batch: Batch, index: torch.Tensor | None = None) -> Micro
     prompt_at = [0] * batch.size   # flat offset of each row's prompt in the packed row
     comp_at = [0] * batch.size     # ... and of its completion
     offset = 0
-    for run in prompt_runs(batch):
+    for run in runs:
         p = P[run[0]]
         ids.append(batch.input_ids[run[0], :p])
         pos.append(torch.arange(p, device=dev))
@@ -168,32 +165,23 @@ def shared_micro_batch(batch: Batch, index: torch.Tensor | None = None) -> Micro
 def shared_bins(batch: Batch, max_tokens: int) -> list[list[int]]:
     """Token-budget bins of whole prompt runs (a run's cost: its prompt once plus its
     completions; a run over the budget is split into pieces that each repeat the prompt),
-    first-fit decreasing by cost."""
+    first-fit decreasing by cost (`token_bins` over the pieces)."""
     P = batch.prompt_lens.tolist()
     C = (batch.lengths - batch.prompt_lens).tolist()
-    pieces: list[tuple[int, list[int]]] = []
+    pieces: list[list[int]] = []
+    costs: list[int] = []
     for run in prompt_runs(batch):
         cost, piece = P[run[0]], []
         for r in run:
             if piece and cost + C[r] > max_tokens:
-                pieces.append((cost, piece))
+                pieces.append(piece)
+                costs.append(cost)
                 cost, piece = P[run[0]], []
             piece.append(r)
             cost += C[r]
-        pieces.append((cost, piece))
-    pieces.sort(key=lambda x: -x[0])
-    bins: list[list[int]] = []
-    costs: list[int] = []
-    for cost, piece in pieces:
-        for b in range(len(bins)):
-            if costs[b] + cost <= max_tokens:
-                bins[b] += piece
-                costs[b] += cost
-                break
-        else:
-            bins.append(list(piece))
-            costs.append(cost)
-    return bins
+        pieces.append(piece)
+        costs.append(cost)
+    return [[r for k in b for r in pieces[k]] for b in token_bins(costs, max_tokens, True)]
 
 
 def token_bins(lengths: Sequence[int], max_tokens: int, packing: bool) -> list[list[int]]:
