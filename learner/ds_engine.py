@@ -189,12 +189,21 @@ class DSLearnerEngine(EngineWeights, EngineScoring):
     def _logprobs(self, model: Any, mb: MicroBatch, with_top: bool = False,
                   with_entropy: bool = False, temperature: float | None = None
                   ) -> TokenLogProbs:
-        """Log-probs of softmax(logits / temperature); default the rollouts' temperature."""
+        """Log-probs of softmax(logits / temperature); default the rollouts' temperature. Under
+        `learner.autocast` the forward (and so the backward of its graph, and the recompute of
+        checkpointed layers) runs its matmuls in that dtype over the fp32 weights."""
+        import contextlib
+
+        import torch
+
         from learner.logprobs import micro_batch_logprobs
 
         t = self.temperature if temperature is None else temperature
-        return micro_batch_logprobs(model, mb, t, self.cfg.logits_chunk,
-                                    with_top=with_top, with_entropy=with_entropy)
+        cast = (torch.autocast(self.device_type, dtype=torch.bfloat16)
+                if self.cfg.autocast == "bfloat16" else contextlib.nullcontext())
+        with cast:
+            return micro_batch_logprobs(model, mb, t, self.cfg.logits_chunk,
+                                        with_top=with_top, with_entropy=with_entropy)
 
     def _no_grad_logprobs(self, model: Any, mbs: list[MicroBatch], with_entropy: bool = False,
                           temperature: float | None = None) -> list[TokenLogProbs]:

@@ -139,13 +139,19 @@ class _FusedHead(torch.autograd.Function):
                 with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         M = hidden.shape[0]
         k = 0 if top_ids is None else top_ids.shape[-1]
+        # Under autocast (`learner.autocast`) the head's matmuls run in its dtype, in the
+        # backward pass too (which autocast does not reach): as autograd would run them.
+        dev = hidden.device.type
+        cdt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+        w = weight if cdt is None else weight.to(cdt)
         token = hidden.new_empty(M, dtype=torch.float32)
         top = hidden.new_empty(M, k, dtype=torch.float32)
         entropy = hidden.new_empty(M if with_entropy else 0, dtype=torch.float32)
         lse = hidden.new_empty(M, dtype=torch.float32)
         for s in range(0, M, chunk):
             e = min(s + chunk, M)
-            z = (hidden[s:e] @ weight.t()).float()
+            h = hidden[s:e] if cdt is None else hidden[s:e].to(cdt)
+            z = (h @ w.t()).float()
             if temperature != 1.0:
                 z.div_(temperature)
             lse[s:e] = torch.logsumexp(z, dim=-1)
@@ -157,7 +163,7 @@ class _FusedHead(torch.autograd.Function):
                 entropy[s:e] = lse[s:e] - torch.einsum("cv,cv->c", p, z)
                 del p
         ctx.save_for_backward(hidden, weight, targets, top_ids, lse)
-        ctx.temperature, ctx.chunk = temperature, chunk
+        ctx.temperature, ctx.chunk, ctx.compute_dtype = temperature, chunk, cdt
         ctx.mark_non_differentiable(entropy)
         return token, top, entropy
 
@@ -165,15 +171,17 @@ class _FusedHead(torch.autograd.Function):
     def backward(ctx: Any, g_token: torch.Tensor | None, g_top: torch.Tensor | None,
                  _g_entropy: Any) -> tuple[Any, ...]:
         hidden, weight, targets, top_ids, lse = ctx.saved_tensors
-        T, chunk, M = ctx.temperature, ctx.chunk, hidden.shape[0]
+        T, chunk, M, cdt = ctx.temperature, ctx.chunk, hidden.shape[0], ctx.compute_dtype
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        w = weight if cdt is None else weight.to(cdt)
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros_like(weight) if need_w else None
         if g_top is not None and g_top.numel() == 0:
             g_top = None
         for s in range(0, M, chunk):
             e = min(s + chunk, M)
-            gz = (hidden[s:e] @ weight.t()).float()
+            h = hidden[s:e] if cdt is None else hidden[s:e].to(cdt)
+            gz = (h @ w.t()).float()
             if T != 1.0:
                 gz.div_(T)
             gz.sub_(lse[s:e].unsqueeze(-1)).exp_()  # softmax(z), in place
@@ -189,8 +197,14 @@ class _FusedHead(torch.autograd.Function):
                 gz.scatter_add_(-1, top_ids[s:e], g_top[s:e].float())
             if T != 1.0:
                 gz.div_(T)
-            g = gz.to(weight.dtype)
+            g = gz.to(w.dtype)
             del gz
+            if cdt is not None:  # each chunk's products in cdt, summed into the fp32 buffers
+                if grad_h is not None:
+                    grad_h[s:e] = g @ w
+                if grad_w is not None:
+                    grad_w += g.t() @ h
+                continue
             if grad_h is not None:
                 torch.mm(g, weight, out=grad_h[s:e])
             if grad_w is not None:

@@ -65,6 +65,18 @@ def test_errors_name_the_field() -> None:
     assert "sandbox.memory_mb" in str(ei.value)
 
 
+def test_autocast_needs_fp32_weights() -> None:
+    from nebula.config.job import JobConfig
+
+    job = {"name": "j", "model": {"path": "toy:", "dtype": "bfloat16"},
+           "datasets": {"train": [{"path": "d.jsonl"}]}, "stages": [{"type": "grpo", "steps": 1}],
+           "learner": {"autocast": "bfloat16"}}
+    with pytest.raises(ConfigError, match="learner.autocast: bfloat16 autocasts over fp32"):
+        load_model(JobConfig, job)
+    job["model"]["dtype"] = "float32"
+    assert load_model(JobConfig, job).learner.autocast == "bfloat16"
+
+
 def test_missing_and_malformed_files(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="not found"):
         load_file(VerifierServiceConfig, tmp_path / "nope.yaml")

@@ -412,3 +412,25 @@ def test_topk_distillation_step_packed_matches_fixed(model_dir: str) -> None:
     assert results[0][0]["distill_kl"] > 0
     assert results[1][0]["distill_kl"] == pytest.approx(results[0][0]["distill_kl"], rel=1e-5)
     _assert_same_step(results[1], results[0])
+
+
+def test_autocast_step_follows_fp32_step(model_dir: str) -> None:
+    """`learner.autocast: bfloat16` (with activation checkpointing, so the recompute runs under
+    it too): the weights stay fp32, and one step's update (SGD, unclipped: the gradient) points
+    where the fp32 step's does, through bf16 matmuls (not equal to it)."""
+    groups = _groups(n_groups=3, n=4, seed=3)
+    deltas = []
+    for kw in ({}, {"autocast": "bfloat16", "activation_checkpointing": True}):
+        eng = _engine(model_dir, sgd=True, zero_stage=0, grad_clip=1e9, **kw)
+        try:
+            before = _weights(eng)
+            eng.grpo_step(groups)
+            after = _weights(eng)
+            assert all(v.dtype == torch.float32 for v in after.values())
+            deltas.append(torch.cat([(after[k] - before[k]).flatten() for k in sorted(before)]))
+        finally:
+            eng.close()
+    fp32, cast = deltas
+    assert not torch.equal(fp32, cast)
+    assert torch.nn.functional.cosine_similarity(fp32, cast, dim=0) > 0.999
+    assert float(cast.norm()) == pytest.approx(float(fp32.norm()), rel=0.05)

@@ -243,3 +243,33 @@ def test_fused_head_equals_checkpointed_head(dtype: str) -> None:
     with torch.no_grad():  # the no-grad pass (old log-probs, evals) takes the same path
         tok, top, ent = head_logprobs(head.float(), hidden0, targets, None, chunk=5, fused=True)
     assert top is None and ent is None and tok.shape == (M,) and tok.grad_fn is None
+
+
+def test_fused_head_under_autocast() -> None:
+    """`learner.autocast: bfloat16`: fp32 head and hidden states under torch.autocast. The
+    fused head runs its matmuls in bf16 in the forward and (where autocast does not reach)
+    the backward pass, as autograd runs the checkpointed path's, and returns fp32 log-probs
+    and fp32 gradients; both paths are held to the float32 result as in the bf16 case above."""
+    from learner.logprobs import head_logprobs
+
+    g = torch.Generator().manual_seed(1)
+    M, H, V = 23, 16, 97
+    head = torch.nn.Linear(H, V, bias=False)
+    hidden0 = torch.randn(M, H, generator=g)
+    targets = torch.randint(0, V, (M,), generator=g)
+    w_tok = torch.randn(M, generator=g)
+
+    def run(fused: bool, cast: bool) -> list[Any]:
+        head.zero_grad(set_to_none=True)
+        hidden = hidden0.detach().clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cast):
+            tok, _, _ = head_logprobs(head, hidden, targets, None, temperature=0.7, chunk=5,
+                                      fused=fused)
+        (tok * w_tok).sum().backward()
+        assert tok.dtype == hidden.grad.dtype == head.weight.grad.dtype == torch.float32
+        return [tok.detach(), hidden.grad, head.weight.grad]
+
+    truth, got, want = run(False, False), run(True, True), run(False, True)
+    for a, b, t in zip(got, want, truth):
+        assert (a - t).abs().max() > 0  # bf16 was used, not fp32
+        assert (a - t).abs().max() <= 1.5 * (b - t).abs().max() + 2**-7 * t.abs().max()

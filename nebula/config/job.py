@@ -139,6 +139,12 @@ class LearnerConfig(Strict):
     activation_checkpointing: bool = Field(
         False, description="Recompute each layer's activations in the backward pass instead "
         "of keeping them (less memory, ~1/3 more compute).")
+    autocast: Literal["none", "bfloat16"] = Field(
+        "none", description="bfloat16: the learner's forward and backward matmuls run in bf16 "
+        "under torch.autocast over fp32 weights, gradients and Adam states (needs `model.dtype` "
+        "float32); norms, softmax and the residual stream stay fp32. ~1.9x faster than fp32 on "
+        "a CPU with AVX-512 BF16, and it learns like fp32 where `model.dtype: bfloat16` (bf16 "
+        "weights over DeepSpeed's fp32 master copy) learned much slower (README, Real models).")
     logits_chunk: int = Field(
         1024, gt=0, description="Positions per chunk of the LM head + log-softmax: full-vocab "
         "logits exist for one chunk at a time, in the forward and the backward pass.")
@@ -305,6 +311,9 @@ class JobConfig(Strict):
             raise ValueError("learner.zero_stage: ZeRO-3 with learner.ranks > 1 and NCCL weight "
                              "sync is not supported (rank 0 sends the full weights it holds); "
                              "use zero_stage 1/2 or learner.weight_sync object_store")
+        if self.learner.autocast != "none" and self.model.dtype != "float32":
+            raise ValueError(f"learner.autocast: {self.learner.autocast} autocasts over fp32 "
+                             f"weights; model.dtype is {self.model.dtype} (set it to float32)")
         ro = self.rollout
         if ro.num_gpus > 0 and ro.num_gpus < ro.tensor_parallel_size:
             raise ValueError(f"rollout.num_gpus: {ro.num_gpus:g} GPUs per worker cannot hold an "
