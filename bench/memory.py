@@ -40,8 +40,11 @@ weight-gradient buffer) and autograd's checkpointed chunks side by side (`--head
 
 Throughput: learner tokens/s (trained tokens per second of grpo_step wall time) on
 `--tp-seqs` sequences with completions uniformly 64-1,024 tokens (vocab 49,152), token-budget
-micro-batches of `--tp-budget` tokens, padded vs packed, fp32 vs bf16, and packed with
-shared prompts (groups of 4 share their 64-token prompt); activation checkpointing on. `--threads` torch threads (default 1: this machine's learner has one core).
+micro-batches of `--tp-budget` tokens, padded vs packed, fp32 vs bf16 (`model.dtype`: bf16
+weights over DeepSpeed's fp32 master copy) vs fp32 weights under bf16 autocast
+(`learner.autocast`), and packed with shared prompts (groups of 4 share their 64-token
+prompt); activation checkpointing on. `--threads` torch threads (default 1: this machine's
+learner has one core). `--skip-memory`: the throughput rows only.
 
 Last line: `memory peak/floor_49k=<r> peak/floor_151k=<r>`. `--quick`: short sequences.
 """
@@ -167,6 +170,7 @@ def child(case: dict[str, Any]) -> dict[str, Any]:
                         max_tokens_per_micro_batch=case.get("budget"),
                         packing=case.get("packing", True),
                         share_prompts=case.get("share", False),
+                        autocast="bfloat16" if case.get("autocast") else "none",
                         activation_checkpointing=case["ckpt"], logits_chunk=case["chunk"])
     base = _rss()
     t0 = time.perf_counter()
@@ -236,6 +240,7 @@ def main() -> int:
     ap.add_argument("--tp-seqs", type=int, default=8)
     ap.add_argument("--tp-budget", type=int, default=4096)
     ap.add_argument("--skip-throughput", action="store_true")
+    ap.add_argument("--skip-memory", action="store_true", help="throughput rows only")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -249,7 +254,7 @@ def main() -> int:
     ratios: dict[str, float] = {}
     try:
         for name, vocab in VOCABS.items():
-            if args.only and name != args.only:
+            if args.only and name != args.only or args.skip_memory and name != "49k":
                 continue
             model = work / name
             subprocess.run([sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]);"
@@ -259,7 +264,8 @@ def main() -> int:
                            capture_output=True)
             chunk = args.chunk or (256 if vocab < 100_000 else 64)
             peaks = {}
-            for head in (("checkpointed", "fused") if args.head == "both" else (args.head,)):
+            heads = ("checkpointed", "fused") if args.head == "both" else (args.head,)
+            for head in () if args.skip_memory else heads:
                 case = {"model": str(model), "vocab": vocab, "seqs": 8, "prompt": prompt,
                         "completion": [completion, completion], "zero": args.zero,
                         "dtype": args.dtype, "ckpt": not args.no_ckpt, "chunk": chunk,
@@ -285,34 +291,38 @@ def main() -> int:
                 print(f"vocab {vocab:,}: fused head peak {peaks['fused']:,.0f} MiB vs "
                       f"checkpointed {peaks['checkpointed']:,.0f} MiB "
                       f"({peaks['fused'] - peaks['checkpointed']:+,.0f} MiB)", flush=True)
-        tps: dict[tuple[str, bool, bool], float] = {}
+        tps: dict[tuple[str, bool, bool, bool], float] = {}
         if not args.skip_throughput and not args.only:
             model = work / "49k"
-            for dtype, packing, share in (("float32", False, False), ("float32", True, False),
-                                          ("float32", True, True), ("bfloat16", False, False),
-                                          ("bfloat16", True, False)):
+            # (model dtype, packing, shared prompts, bf16 autocast over fp32 weights)
+            for dtype, packing, share, cast in (
+                    ("float32", False, False, False), ("float32", True, False, False),
+                    ("float32", True, True, False), ("bfloat16", False, False, False),
+                    ("bfloat16", True, False, False), ("float32", True, False, True)):
                 case = {"model": str(model), "vocab": VOCABS["49k"], "seqs": args.tp_seqs,
                         "prompt": prompt, "completion": list(tp_completion),
                         "zero": args.zero, "dtype": dtype, "ckpt": True, "chunk": 256,
                         "threads": args.threads, "steps": 1, "warmup": True,
                         "budget": tp_budget, "packing": packing, "share": share,
-                        "mlp_tile": args.mlp_tile or None}
+                        "autocast": cast, "mlp_tile": args.mlp_tile or None}
                 r = run_case(case, args.glibc)
-                tps[(dtype, packing, share)] = r["tokens_per_s"]
+                tps[(dtype, packing, share, cast)] = r["tokens_per_s"]
                 layout = ("packed, shared prompts" if share else "packed") if packing \
                     else "padded"
-                print(f"throughput {dtype} {layout}: "
+                print(f"throughput {dtype}{' + bf16 autocast' if cast else ''} {layout}: "
                       f"{r['tokens_per_s']:.1f} trained tok/s ({r['tokens']:.0f} trained "
                       f"tokens, {r['real_tokens']} with prompts, {r['micro_batches']:.0f} "
                       f"micro-batches of <= {tp_budget} tokens, padding "
                       f"{r['pad_frac']:.1%}, step {r['step_s'][-1]:.1f} s, peak "
                       f"{r['peak_mib']:,.0f} MiB)", flush=True)
-            f32, b16 = (tps[("float32", True, False)], tps[("float32", False, False)]), \
-                (tps[("bfloat16", True, False)], tps[("bfloat16", False, False)])
-            shared = tps[("float32", True, True)]
+            f32, b16 = (tps[("float32", True, False, False)],
+                        tps[("float32", False, False, False)]), \
+                (tps[("bfloat16", True, False, False)], tps[("bfloat16", False, False, False)])
+            shared, cast = tps[("float32", True, True, False)], tps[("float32", True, False, True)]
             print(f"learner tokens/s packed/padded: fp32 {f32[0] / f32[1]:.2f}x, bf16 "
-                  f"{b16[0] / b16[1]:.2f}x; bf16/fp32 (packed) {b16[0] / f32[0]:.2f}x; shared "
-                  f"prompts/packed (fp32) {shared / f32[0]:.2f}x")
+                  f"{b16[0] / b16[1]:.2f}x; bf16/fp32 (packed) {b16[0] / f32[0]:.2f}x; bf16 "
+                  f"autocast/fp32 (packed) {cast / f32[0]:.2f}x; shared prompts/packed (fp32) "
+                  f"{shared / f32[0]:.2f}x")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print("memory " + " ".join(f"peak/floor_{k}={v:.3f}" for k, v in ratios.items()))
