@@ -24,18 +24,20 @@ transformers alone (no vLLM, Ray or DeepSpeed needed; nothing downloaded).
     bench/gpu_check.sh --dry-run       # tiny model on CPU: the same code paths, < 1 min
 
 The last line: `gpu_check mfu=<pct> weight_sync_s=<s> peak_mem_gib=<g>`. Exit 1 when the
-checksum differs or (on a GPU) a target is missed.
+checksum differs or (on a GPU) a target is missed. (a) lives in gpu_check_train.py, (b) in
+gpu_check_sync.py, the model both build in gpu_check_model.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import math
-import os
 import sys
-import time
 from typing import Any
+
+from gpu_check_model import log, model_config
+from gpu_check_sync import engine_main, weight_sync
+from gpu_check_train import train
 
 MFU_TARGET = 0.40
 SYNC_TARGET_S = 0.5
@@ -47,10 +49,6 @@ FULL_SHAPE = dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14,
 TINY_SHAPE = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, intermediate_size=128, vocab_size=1024,
                   max_position_embeddings=512, rope_theta=10000.0, rms_norm_eps=1e-6)
-
-
-def log(msg: str) -> None:
-    print(msg, flush=True)
 
 
 def peak_flops(name: str, override_tflops: float | None) -> tuple[float | None, str]:
@@ -69,354 +67,8 @@ def peak_flops(name: str, override_tflops: float | None) -> tuple[float | None, 
     return None, "unknown GPU: pass --peak-tflops"
 
 
-def model_config(shape: dict[str, Any], attn: str) -> Any:
-    from transformers import Qwen2Config
-
-    return Qwen2Config(**shape, tie_word_embeddings=True, attn_implementation=attn,
-                       use_cache=False)
-
-
-def build_model(cfg: Any, device: Any, dtype: Any, seed: int) -> Any:
-    import torch
-    from transformers import Qwen2ForCausalLM
-
-    torch.manual_seed(seed)
-    with torch.device(device):
-        model = Qwen2ForCausalLM(cfg)
-    return model.to(dtype)
-
-
 def flops_per_token(n_params: int, cfg: Any, seq: int) -> float:
     return 6.0 * n_params + 12.0 * cfg.num_hidden_layers * cfg.hidden_size * seq
-
-
-# -- the flat bucket both sides agree on -------------------------------------------------
-
-
-def layout(named: list[tuple[str, Any]]) -> list[tuple[str, int, int, tuple[int, ...]]]:
-    """(name, offset, numel, shape) of each parameter in the flat bucket."""
-    out, off = [], 0
-    for name, p in named:
-        out.append((name, off, p.numel(), tuple(p.shape)))
-        off += p.numel()
-    return out
-
-
-def pack(named: list[tuple[str, Any]], bucket: Any) -> None:
-    """Copy (and cast) every parameter into its place in the bucket."""
-    import torch
-
-    with torch.no_grad():
-        off = 0
-        for _, p in named:
-            n = p.numel()
-            bucket[off:off + n].copy_(p.detach().reshape(-1))
-            off += n
-
-
-def unpack(bucket: Any, params: dict[str, Any], lay: list[tuple[str, int, int, tuple]]) -> None:
-    """The engine's load: each received tensor copied into its parameter in place."""
-    import torch
-
-    with torch.no_grad():
-        for name, off, n, shape in lay:
-            params[name].copy_(bucket[off:off + n].view(shape))
-
-
-def checksum(tensors: list[Any], dtype: Any) -> int:
-    """An exact, order-sensitive checksum of tensors as `dtype` (bitwise: int64 sums of the
-    16-bit patterns, weighted by position and tensor index)."""
-    import torch
-
-    total = 0
-    chunk = 1 << 24
-    for i, t in enumerate(tensors):
-        flat = t.detach().to(dtype).reshape(-1).view(torch.int16)
-        s = 0
-        for start in range(0, flat.numel(), chunk):
-            part = flat[start:start + chunk].to(torch.int64)
-            w = torch.arange(start, start + part.numel(), device=part.device,
-                             dtype=torch.int64) % 65521 + 1
-            s += int((part * w).sum().item())
-        total = (total * 1000003 + s + i) % (1 << 61)
-    return total
-
-
-# -- (b) the engine side: a second process -------------------------------------------------
-
-
-def engine_main(shape: dict[str, Any], attn: str, device_type: str, transports: list[str],
-                rounds: int, inq: Any, outq: Any) -> None:
-    """The receiving process: an engine-shaped copy of the model (bf16, inference), loaded
-    from the learner's bucket over each transport."""
-    import torch
-
-    try:
-        device = torch.device("cuda", 0) if device_type == "cuda" else torch.device("cpu")
-        if device_type == "cuda":
-            torch.cuda.set_device(0)
-        cfg = model_config(shape, attn)
-        model = build_model(cfg, device, torch.bfloat16, seed=12345)  # other weights
-        model.eval()
-        for p in model.parameters():
-            p.requires_grad_(False)
-        named = list(model.named_parameters())
-        params = dict(named)
-        lay = layout(named)
-        numel = sum(n for _, _, n, _ in lay)
-        outq.put(("ready", checksum([p for _, p in named], torch.bfloat16)))
-        for transport in transports:
-            if transport == "ipc":
-                bucket = None
-                for _ in range(rounds):
-                    msg = inq.get()
-                    if msg[0] == "bucket":  # first round: the shared bucket (IPC handle)
-                        bucket = msg[1]
-                    unpack(bucket, params, lay)
-                    if device_type == "cuda":
-                        torch.cuda.synchronize()
-                    outq.put(("loaded", None))
-                del bucket
-            else:  # gloo: point-to-point from rank 0 (the learner)
-                _, port = inq.get()
-                store = torch.distributed.TCPStore("127.0.0.1", port, 2, False,
-                                                   timeout=datetime.timedelta(seconds=60))
-                pg = torch.distributed.ProcessGroupGloo(store, 1, 2,
-                                                        datetime.timedelta(seconds=60))
-                bucket = torch.empty(numel, dtype=torch.bfloat16)
-                for _ in range(rounds):
-                    pg.recv([bucket], 0, 0).wait()
-                    unpack(bucket, params, lay)
-                    outq.put(("loaded", None))
-                del pg, store
-            outq.put(("checksum", checksum([p for _, p in named], torch.bfloat16)))
-        mem = torch.cuda.max_memory_allocated() if device_type == "cuda" else 0
-        outq.put(("done", mem))
-    except BaseException as e:  # noqa: BLE001 - the learner reports it
-        import traceback
-
-        outq.put(("error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
-
-
-# -- (a) training ------------------------------------------------------------------------
-
-
-class TorchTrainer:
-    """Plain torch: bf16 parameters (or fp32 master weights under bf16 autocast) and fused
-    AdamW."""
-
-    name = "torch"
-
-    def __init__(self, model: Any, lr: float, fp32_master: bool, fused: bool) -> None:
-        import torch
-
-        self.model = model
-        self.fp32_master = fp32_master
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        self.opt = torch.optim.AdamW(self.params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0,
-                                     fused=fused)
-
-    def step(self, ids: Any) -> float:
-        import torch
-
-        with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=self.fp32_master):
-            loss = lm_loss(self.model, ids)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.params, 1.0, foreach=True)
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-        return loss.detach()
-
-    def weights(self) -> list[tuple[str, Any]]:
-        return list(self.model.named_parameters())
-
-
-class DeepSpeedTrainer:
-    """DeepSpeed (bf16, ZeRO stage `zero_stage`, fp32 master weights in its optimizer) with
-    torch's fused AdamW, as the learner configures it."""
-
-    name = "deepspeed"
-
-    def __init__(self, model: Any, lr: float, zero_stage: int, micro_batch: int) -> None:
-        import deepspeed
-
-        config = {
-            "train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": 1,
-            "gradient_clipping": 1.0, "steps_per_print": 1 << 30,
-            "zero_optimization": {"stage": zero_stage}, "zero_allow_untested_optimizer": True,
-            "bf16": {"enabled": True},
-            "optimizer": {"type": "AdamW", "params": {
-                "lr": lr, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.0,
-                "torch_adam": True, "fused": True}},
-        }
-        params = [p for p in model.parameters() if p.requires_grad]
-        self.engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params,
-                                                    config=config)
-        self.model = self.engine.module
-
-    def step(self, ids: Any) -> float:
-        loss = lm_loss(self.engine, ids)
-        self.engine.backward(loss)
-        self.engine.step()
-        return loss.detach()
-
-    def weights(self) -> list[tuple[str, Any]]:
-        return list(self.engine.module.named_parameters())
-
-
-def lm_loss(model: Any, ids: Any) -> Any:
-    """Next-token cross-entropy over the whole sequence (log-softmax in fp32)."""
-    import torch.nn.functional as F
-
-    logits = model(input_ids=ids).logits
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
-
-
-def deepspeed_available() -> bool:
-    try:
-        import deepspeed  # noqa: F401
-    except Exception:  # noqa: BLE001 - absent or broken: pure torch
-        return False
-    return True
-
-
-def setup_deepspeed_env(device_type: str) -> None:
-    os.environ["DS_ACCELERATOR"] = device_type
-    for k, v in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"),
-                 ("MASTER_ADDR", "127.0.0.1")):
-        os.environ.setdefault(k, v)
-    if "MASTER_PORT" not in os.environ:
-        import socket
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
-
-
-def make_trainer(args: argparse.Namespace, cfg: Any, device: Any, micro_batch: int) -> Any:
-    import torch
-
-    use_ds = args.backend == "deepspeed" or (args.backend == "auto" and deepspeed_available())
-    if use_ds:
-        setup_deepspeed_env(device.type)
-        import deepspeed
-
-        if not torch.distributed.is_initialized():
-            deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
-        model = build_model(cfg, device, torch.float32, seed=0)
-        return DeepSpeedTrainer(model, args.lr, args.zero_stage, micro_batch)
-    dtype = torch.float32 if args.fp32_master else torch.bfloat16
-    model = build_model(cfg, device, dtype, seed=0)
-    return TorchTrainer(model, args.lr, args.fp32_master, fused=True)
-
-
-def train(args: argparse.Namespace, cfg: Any, device: Any) -> tuple[Any, dict[str, Any]]:
-    """Train warm-up + timed steps, halving the micro-batch on CUDA OOM. Returns the trainer
-    and the numbers."""
-    import torch
-
-    mb = args.micro_batch
-    while True:
-        trainer = None
-        try:
-            trainer = make_trainer(args, cfg, device, mb)
-            trainer.model.train()
-            if args.compile:
-                trainer.model.compile()
-            gen = torch.Generator(device=device).manual_seed(0)
-
-            def batch() -> Any:
-                return torch.randint(0, cfg.vocab_size, (mb, args.seq), device=device,
-                                     generator=gen)
-
-            for _ in range(args.warmup):
-                trainer.step(batch())
-            sync(device)
-            losses = []
-            t0 = time.perf_counter()
-            for _ in range(args.steps):
-                losses.append(trainer.step(batch()))
-            sync(device)
-            dt = time.perf_counter() - t0
-            loss = float(torch.stack(losses).float().mean())
-            return trainer, {"micro_batch": mb, "step_s": dt / args.steps, "loss": loss,
-                             "tokens_per_s": mb * args.seq * args.steps / dt}
-        except torch.cuda.OutOfMemoryError:
-            if mb == 1:
-                raise
-            log(f"out of GPU memory at micro-batch {mb}: retrying with {mb // 2}")
-        # Out of the except block: its traceback no longer holds the failed step's tensors.
-        del trainer
-        import gc
-
-        gc.collect()
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        mb //= 2
-
-
-def sync(device: Any) -> None:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-# -- (b) the learner side of the weight sync ----------------------------------------------
-
-
-def weight_sync(named: list[tuple[str, Any]], device: Any, transports: list[str], rounds: int,
-                ctx: Any, inq: Any, outq: Any) -> dict[str, Any]:
-    """Rounds of weight sync over each transport; the engine process is already loading
-    its model. Returns per-transport round times and the checksum verdicts."""
-    import torch
-
-    lay = layout(named)
-    numel = sum(n for _, _, n, _ in lay)
-    sent = checksum([p for _, p in named], torch.bfloat16)
-    results: dict[str, Any] = {"sent_checksum": sent}
-    before = expect(outq, "ready")
-    results["differs_before"] = before != sent
-    bucket = torch.empty(numel, dtype=torch.bfloat16, device=device)
-    if device.type == "cpu":
-        bucket.share_memory_()
-    for transport in transports:
-        times = []
-        if transport == "ipc":
-            for r in range(rounds):
-                t0 = time.perf_counter()
-                pack(named, bucket)
-                sync(device)  # the bucket is complete before the engine reads it
-                inq.put(("bucket", bucket) if r == 0 else ("go", None))
-                expect(outq, "loaded")
-                times.append(time.perf_counter() - t0)
-        else:
-            store = torch.distributed.TCPStore("127.0.0.1", 0, 2, True,
-                                               timeout=datetime.timedelta(seconds=60),
-                                               wait_for_workers=False)
-            inq.put(("port", store.port))
-            pg = torch.distributed.ProcessGroupGloo(store, 0, 2, datetime.timedelta(seconds=60))
-            host = bucket if device.type == "cpu" else torch.empty_like(bucket, device="cpu")
-            for _ in range(rounds):
-                t0 = time.perf_counter()
-                pack(named, host)
-                pg.send([host], 1, 0).wait()
-                expect(outq, "loaded")
-                times.append(time.perf_counter() - t0)
-            del pg, store
-        got = expect(outq, "checksum")
-        results[transport] = {"round_s": times, "checksum_ok": got == sent}
-    results["engine_peak_mem"] = expect(outq, "done")
-    return results
-
-
-def expect(q: Any, kind: str, timeout_s: float = 600.0) -> Any:
-    msg = q.get(timeout=timeout_s)
-    if msg[0] == "error":
-        raise RuntimeError(f"the engine process failed: {msg[1]}")
-    if msg[0] != kind:
-        raise RuntimeError(f"the engine process sent {msg[0]!r}, expected {kind!r}")
-    return msg[1]
 
 
 # -- main --------------------------------------------------------------------------------
@@ -518,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{(f'{peak / 1e12:.0f} TFLOP/s ({peak_src})') if peak else peak_src} = "
             f"{mfu * 100:.1f}%")
 
-        res = weight_sync(named, device, transports, args.sync_rounds, ctx, inq, outq)
+        res = weight_sync(named, device, transports, args.sync_rounds, inq, outq)
         engine.join(timeout=60)
         sync_s = max(max(res[t]["round_s"]) for t in transports)
         ok = res["differs_before"] and all(res[t]["checksum_ok"] for t in transports)
