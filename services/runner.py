@@ -11,8 +11,6 @@ with `resume_from` restores that checkpoint and goes on from the stage and step 
 
 from __future__ import annotations
 
-from nebula.transport.redis_client import connect
-
 import json
 import os
 import signal
@@ -25,6 +23,9 @@ from typing import Any
 from nebula import faults
 from nebula.algo import algorithm
 from nebula.config.job import JobConfig
+from nebula.transport.redis_client import connect
+from services.job_evals import StageEvals
+from services.job_recovery import LearnerRecovery
 
 ProgressFn = Callable[[dict[str, Any]], None]
 
@@ -51,7 +52,10 @@ def _node_id(_: Any) -> str:
     return ray.get_runtime_context().get_node_id()
 
 
-class JobRunner:
+class JobRunner(StageEvals, LearnerRecovery):
+    """One training job: its actors, its stages in order, evaluations (services.job_evals) and
+    recovery (services.job_recovery)."""
+
     def __init__(self, cfg: JobConfig, job_id: str | None = None,
                  progress: ProgressFn | None = None, log: Callable[[str], None] = print) -> None:
         self.cfg = cfg
@@ -162,75 +166,6 @@ class JobRunner:
             self.log("weight sync: NCCL broadcast from the learner into each engine")
         return store, learner, rollouts
 
-    # -- recovery ----------------------------------------------------------------------------
-
-    def _learner_dead(self) -> bool:
-        return self.learner.dead()
-
-    def _restart_learner(self, err: BaseException, stage: int) -> dict[str, Any]:
-        """A dead learner: a new one (after `recovery.backoff_s`, doubled each time) restored
-        from the newest intact checkpoint; returns where that checkpoint left the job. A job
-        past `recovery.max_restarts` fails with the cause of every restart."""
-        from nebula.checkpoints import newest_valid
-        from services.learner_group import LearnerGroup
-
-        rc = self.cfg.recovery
-        cause = f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"
-        restarts = self.summary.setdefault("learner_restarts", [])
-        restarts.append({"stage": stage, "cause": cause, "time": time.time()})
-        if len(restarts) > rc.max_restarts:
-            causes = "; ".join(f"#{k + 1} in stage {r['stage']}: {r['cause']}"
-                               for k, r in enumerate(restarts))
-            raise RuntimeError(f"the learner died {len(restarts)} times, more than "
-                               f"recovery.max_restarts {rc.max_restarts}: {causes}") from err
-        wait = rc.backoff_s * 2 ** (len(restarts) - 1)
-        self.log(f"learner died in stage {stage} ({cause}); restart {len(restarts)} of "
-                 f"{rc.max_restarts} in {wait:.0f}s from the newest checkpoint")
-        self.learner.kill()  # every rank: the survivors are stuck in collectives
-        time.sleep(wait)
-        assert self.cfg.checkpoint is not None and self.cfg.checkpoint.dir is not None
-        ckpt = newest_valid(self.cfg.checkpoint.dir, log=self.log)
-        path = str(ckpt) if ckpt else self.resume_path
-        self.learner = LearnerGroup(self.cfg, self._learner_args, self._learner_options,
-                                    f"{self.job_id}-learner-r{len(restarts)}",
-                                    incarnation=len(restarts))
-        state = self.learner.call("restore", path, True)
-        if self.cfg.weight_sync_mode() == "nccl":
-            self.learner.call("attach_rollouts", self.rollouts)
-        restarts[-1].update(checkpoint=path, version=state.get("version"))
-        where = (int(state.get("stage_index", 0)), int(state.get("stage_step", 0)))
-        if state.get("stage_done"):
-            where = (where[0] + 1, 0)
-        if path is None:
-            where = (0, 0)
-        restarts[-1].update(resume_stage=where[0], resume_step=where[1])
-        self.log(f"learner restarted from {path or 'the initial model'}: stage {where[0]}, "
-                 f"step {where[1]}, policy v{state.get('version')}")
-        return {"stage": where[0], "step": where[1], "path": path}
-
-    def _preempt(self, why: BaseException) -> None:
-        """SIGTERM (a cancel, an eviction): the learner checkpoints the step it is at, within
-        `recovery.preemption_grace_s`, so a resume loses nothing."""
-        import ray
-
-        refs = getattr(self, "_stage_ref", None)
-        if refs is None:
-            return
-        self.log(f"preempted ({type(why).__name__}); checkpointing the current step")
-        try:
-            self.learner.preempt()
-            ready, _ = ray.wait(refs, num_returns=len(refs),
-                                timeout=self.cfg.recovery.preemption_grace_s)
-            if len(ready) == len(refs):
-                res = ray.get(refs[0])
-                self.summary["preempted"] = res
-                self.log(f"checkpoint {res.get('checkpoint')} written; `nebula resume` goes on "
-                         "from it")
-            else:
-                self.log("no checkpoint within recovery.preemption_grace_s")
-        except Exception as e:  # noqa: BLE001 - a preemption must still end the job
-            self.log(f"preemption checkpoint failed: {e}")
-
     def _poll(self, learner: Any, extra: Callable[[dict[str, Any]], None] | None = None
               ) -> Callable[[], None]:
         import ray
@@ -252,63 +187,6 @@ class JobRunner:
                     self.log(f"fault drill: killing the {svc} service at learner step {step}")
                     self._kill_service(svc)
         return poll
-
-    # -- evaluation --------------------------------------------------------------------------
-
-    def _eval_refs(self, rollouts: list[Any]) -> list[Any] | None:
-        ev = self.cfg.datasets.eval
-        if ev is None:
-            return None
-        d, m, e = ev.model_dump(), self.cfg.eval.max_prompts, self.cfg.eval
-        return [rollouts[0].evaluate.remote(d, 0.0, m),
-                rollouts[-1].evaluate.remote(d, e.sampled_temperature, m, e.samples)]
-
-    def _eval_record(self, results: list[dict[str, Any]], when: str, **extra: Any) -> None:
-        """One eval row: greedy and sampled accuracy (overall and by domain) as before, plus
-        the metrics of `nebula eval` (nebula.evaluation: pass@k for `eval.k`, mean@n,
-        completion lengths, truncation and their per-domain breakdown), also written as
-        TensorBoard scalars (eval/..., step = policy version)."""
-        from nebula.evaluation import evaluation_metrics, flat_scalars
-
-        greedy, sampled = results
-        metrics = evaluation_metrics(sampled.get("details"), greedy.get("details"),
-                                     self.cfg.eval.k)
-        allm = {k: v for k, v in metrics["all"].items() if k not in ("prompts", "greedy")}
-        row = {"when": when, "version": greedy["version"], "greedy": greedy["accuracy"],
-               "sampled": sampled["accuracy"], "greedy_by_domain": greedy["by_domain"],
-               "sampled_by_domain": sampled["by_domain"], "prompts": greedy["prompts"],
-               **allm, "by_domain": metrics["by_domain"], **extra}
-        self.summary["evals"].append(row)
-        try:
-            from services.evaluate import write_scalars
-
-            scalars = flat_scalars(metrics)
-            write_scalars(self.out / "tensorboard", scalars, greedy["version"])
-            self.learner.call("log_eval", greedy["version"], scalars)  # W&B / MLflow
-        except Exception as e:  # noqa: BLE001 - TensorBoard is a view; the row is recorded
-            self.log(f"eval scalars not written to TensorBoard or the trackers: {e}")
-        by = ""
-        if len(greedy["by_domain"]) > 1:
-            by = "; by domain " + ", ".join(
-                f"{d}: {g:.1%}/{sampled['by_domain'].get(d, 0):.1%}"
-                for d, g in sorted(greedy["by_domain"].items()))
-        if self.on_eval is not None:
-            self.on_eval(row)
-            return
-        ks = ", ".join(f"pass@{k} {row[f'pass@{k}']:.1%}" for k in self.cfg.eval.k
-                       if row.get(f"pass@{k}") is not None)
-        self.log(f"eval {when} (policy v{greedy['version']}): greedy accuracy "
-                 f"{greedy['accuracy']:.1%}, sampled (T={self.cfg.eval.sampled_temperature}, "
-                 f"n={self.cfg.eval.samples}) {sampled['accuracy']:.1%}"
-                 + (f", {ks}" if ks else "") + f" on {greedy['prompts']} held-out prompts{by}")
-
-    def _evaluate(self, rollouts: list[Any], when: str) -> None:
-        import ray
-
-        refs = self._eval_refs(rollouts)
-        if refs is not None:
-            t0 = time.monotonic()
-            self._eval_record(ray.get(refs), when, eval_s=time.monotonic() - t0)
 
     # -- stages ------------------------------------------------------------------------------
 

@@ -195,7 +195,7 @@ def test_resume_from_a_mid_stage_checkpoint(tmp_path: Path) -> None:
     """A job checkpoints every 2 GRPO steps; a new run with resume_from = the step-2 checkpoint
     restores the policy version and trains only the remaining steps of that stage, with the
     stage's cosine learning rate going on from step 2."""
-    from learner.worker import cosine_lr
+    from learner.lr_schedule import cosine_lr
     from services.runner import JobRunner
 
     cfg = toy_config(tmp_path, rollout={"engine": "hf"}, learner={"lr_schedule": "cosine"},

@@ -283,7 +283,7 @@ def test_token_logprobs_gathers_next_tokens() -> None:
 
 def test_cosine_lr_schedules() -> None:
     """SFT: 5% linear warm-up, then cosine to 10%; RL `lr_schedule: cosine`: no warm-up."""
-    from learner.worker import cosine_lr
+    from learner.lr_schedule import cosine_lr
 
     sft = [cosine_lr(1.0, s, 100) for s in range(100)]
     assert sft[0] == pytest.approx(0.2) and sft[4] == pytest.approx(1.0)  # warm-up 5 steps
