@@ -254,7 +254,8 @@ def main() -> int:
     ratios: dict[str, float] = {}
     try:
         for name, vocab in VOCABS.items():
-            if args.only and name != args.only or args.skip_memory and name != "49k":
+            # --skip-memory: only the 49k model, which the throughput rows use
+            if (args.only and name != args.only) or (args.skip_memory and name != "49k"):
                 continue
             model = work / name
             subprocess.run([sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]);"

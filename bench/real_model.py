@@ -98,7 +98,7 @@ def main() -> int:
     print(f"bare vLLM on the async stage's prompts: {raw_tps:.0f} tok/s; hf engine rollout "
           f"{h['rollout_tps']:.0f} tok/s = {h['rollout_tps'] / raw_tps:.2f}x bare vLLM")
     # Overlap can hide at most the rollout's share of the sync stage: the learner's work
-    # stays. On 2 CPU cores the learner (1 core, bf16 autocast) takes ~1.6x the rollout's time.
+    # stays. On 2 CPU cores the learner (1 core, bf16 autocast) is the slower side.
     bound = s["grpo"]["wall_s"] / (s["grpo"]["wall_s"] - s["worker"]["busy_s"])
     print(f"async/sync bound here (sync stage / (sync stage - its rollout busy time)): "
           f"{bound:.2f}; reached {sps['async'] / sps['sync'] / bound:.0%} of it")

@@ -198,6 +198,9 @@ class _FusedHead(torch.autograd.Function):
         T, chunk, M, cdt = ctx.temperature, ctx.chunk, hidden.shape[0], ctx.compute_dtype
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         w = weight if cdt is None else ctx.weight_cast
+        if cdt is not None and w is None:  # a second backward (retain_graph): cast again
+            w = weight.to(cdt)
+        # Released here, not with the graph: the layers' backward runs without it.
         ctx.weight_cast = None
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros_like(weight) if need_w else None
