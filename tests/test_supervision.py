@@ -95,7 +95,10 @@ def test_killed_verifier_is_restarted_and_calls_are_retried(tmp_path: Path) -> N
     def answer(res: list[Any]) -> list[tuple]:
         return [(r.id, r.status, r.reward, r.passed, r.reason) for r in res]
 
-    with verifier_process(tmp_path, {"port": 0, "workers": 2, "metrics_port": None},
+    # 4 pool workers: after the restart the retried call and the new one run at once, 6 items
+    # of which 2 hostile ones hold a worker each until the deadline; with 2 workers a fast item
+    # could queue behind both and miss its deadline, depending on dispatch order.
+    with verifier_process(tmp_path, {"port": 0, "workers": 4, "metrics_port": None},
                           supervise={"backoff_s": 1.0}) as srv:
         sup, address = srv["supervisor"], srv["address"]
         with VerifierClient(address, timeout_s=30, retry_s=60) as client:
